@@ -1,0 +1,280 @@
+"""The `skipbench` command line: parse options into specs, call the library, print with rich."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.progress import Progress as RichBar  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from skipbench import spec  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Benchmark autoregressive, two-model speculative and LayerSkip self-speculative decoding.")
+console = Console(stderr=True)
+out = Console()
+
+
+@app.callback()
+def _commands() -> None:
+    """Benchmark autoregressive, two-model speculative and LayerSkip self-speculative decoding."""
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the user's to fix: shown as one line, never a traceback."""
+    from skipbench.decoding.layers import EngineError
+    from skipbench.models import ModelError
+    from skipbench.sweep import RunError
+    from skipbench.tasks import TaskError
+
+    return (spec.SpecError, ModelError, EngineError, TaskError, RunError, FileNotFoundError)
+
+
+class RichProgress:
+    """Bars over cells and over the prompts of the current cell, with running tokens/s and acceptance."""
+
+    def __init__(self):
+        self.bar = RichBar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=console)
+        self.cells_task = self.prompts_task = None
+        self.tokens = self.seconds = self.drafted = self.accepted = 0
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def plan(self, cells: int, prompts: int) -> None:
+        self.cells_task = self.bar.add_task("cells", total=cells, stats="")
+
+    def cell_started(self, cell, prompts: int) -> None:
+        self.tokens = self.seconds = self.drafted = self.accepted = 0
+        if self.prompts_task is not None:
+            self.bar.remove_task(self.prompts_task)
+        self.prompts_task = self.bar.add_task(f"  {cell.label()}", total=prompts, stats="")
+
+    def prompt_done(self, row: dict) -> None:
+        self.tokens += row["new_tokens"]
+        self.seconds += row["time_s"]
+        self.drafted += row["drafted"]
+        self.accepted += row["accepted"]
+        stats = f"{self.tokens / self.seconds:.1f} tok/s" if self.seconds else ""
+        if self.drafted:
+            stats += f"  accept {self.accepted / self.drafted:.2f}"
+        self.bar.update(self.prompts_task, advance=1, stats=stats)
+
+    def cell_done(self, cell, status: str) -> None:
+        if status != "done":
+            self.bar.console.print(f"  {cell.label()}: {status}", highlight=False)
+        self.bar.update(self.cells_task, advance=1)
+
+    def note(self, text: str) -> None:
+        self.bar.console.print(text, highlight=False)
+
+
+def print_summary(store) -> None:
+    from skipbench.report import summarize
+
+    summary = summarize(store.read_cells())
+    table = Table(title=f"skipbench: {store.root}")
+    for name in ("cell", "tok/s", "ms/token", "s/input", "accept", "tokens/step", "speedup", "lossless"):
+        table.add_column(name, justify="left" if name == "cell" else "right")
+    for row in summary.itertuples():
+        table.add_row(row.cell_label, f"{row.tokens_per_s:.1f}", f"{row.time_per_token_s * 1e3:.2f}",
+                      f"{row.time_per_input_s:.3f}", _fmt(row.acceptance_rate), f"{row.tokens_per_step:.2f}",
+                      _fmt(row.speedup, "{:.2f}x"), _fmt(row.lossless, "{:.0%}"))
+    out.print(table)
+    for error in store.errors():
+        out.print(f"[red]failed[/] {error['cell_label']}: {error['error']}", highlight=False)
+
+
+def _fmt(value, pattern: str = "{:.3f}") -> str:
+    return "-" if value is None or value != value else pattern.format(value)
+
+
+def setup_from_options(**options) -> spec.Setup:
+    options["prompts"] = tuple(options.pop("prompt") or ())
+    options["stop_sequences"] = tuple(options.pop("stop")) if options.get("stop") else None
+    options.pop("stop", None)
+    return spec.Setup(**options)
+
+
+def default_out(model: str, what: str) -> Path:
+    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in model.split("/")[-1])[:40]
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{what}"
+
+
+# Options shared by run and sweep, declared once.
+ModelOpt = typer.Option("smollm2-135m", "--model", "-m",
+                        help="Hub id, local dir, synthetic:<preset>[?agree=E&layers=N&seed=S], or smollm2-135m.")
+PromptOpt = typer.Option(None, "--prompt", "-p", help="A prompt text (repeatable).")
+DatasetOpt = typer.Option(None, "--dataset", "-d", help="cnn_dm, humaneval, topv2 or jsonl:PATH.")
+NumSamplesOpt = typer.Option(None, "--num-samples", "-n", help="Prompts to take (seeded choice).")
+SeedOpt = typer.Option(0, "--seed", help="Seed for prompt choice and sampling.")
+NShotOpt = typer.Option(0, "--n-shot", help="Solved examples prepended (cnn_dm).")
+TemplateOpt = typer.Option(None, "--template", help='Wrap every prompt, e.g. "[INST] {prompt} [/INST]".')
+MaxPromptOpt = typer.Option(None, "--max-prompt-tokens", help="Longest prompt in tokens.")
+PolicyOpt = typer.Option("left", "--prompt-policy", help="Longer prompts: 'left' cuts from the left, 'refuse' fails.")
+DataDirOpt = typer.Option(None, "--data-dir", envvar="SKIPBENCH_DATA_DIR", help="Local copies of the datasets.")
+MaxNewOpt = typer.Option(None, "--max-new-tokens", help="Tokens to generate (default: the task's; 128 for --prompt).")
+StopOpt = typer.Option(None, "--stop", help="A stop sequence (repeatable; default: the task's).")
+SampleOpt = typer.Option(False, "--sample/--greedy", help="Sample instead of greedy decoding.")
+TemperatureOpt = typer.Option(1.0, "--temperature")
+TopPOpt = typer.Option(1.0, "--top-p")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+WarmupOpt = typer.Option(1, "--warmup", help="Uncounted generations before each cell.")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's; use 1 on a busy machine).")
+ExecuteOpt = typer.Option(False, "--execute-code",
+                          help="Run HumanEval completions against their tests (pass@1), in a subprocess.")
+BackendOpt = typer.Option("native", "--backend", help="native (skipbench's engine) or hf (transformers generate).")
+ForceOpt = typer.Option(False, "--force", help="Redo cells already in the run directory.")
+
+
+@app.command()
+def run(
+    strategy: str = typer.Option("self_speculative", "--strategy", "-s",
+                                 help="autoregressive, speculative or self_speculative."),
+    exit_layer: int = typer.Option(None, "--exit-layer", "-e", help="Layers 0..E-1 draft (self_speculative)."),
+    num_speculations: int = typer.Option(None, "--num-speculations", "-k", help="Draft tokens per step (default 4)."),
+    draft_model: str = typer.Option(None, "--draft-model", help="Draft model (speculative)."),
+    backend: str = BackendOpt,
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip the autoregressive baseline."),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="Run directory (default runs/<time>-<model>-run)."),
+    force: bool = ForceOpt,
+    model: str = ModelOpt, prompt: list[str] = PromptOpt, dataset: str = DatasetOpt,
+    num_samples: int = NumSamplesOpt, seed: int = SeedOpt, n_shot: int = NShotOpt, template: str = TemplateOpt,
+    max_prompt_tokens: int = MaxPromptOpt, prompt_policy: str = PolicyOpt, data_dir: str = DataDirOpt,
+    max_new_tokens: int = MaxNewOpt, stop: list[str] = StopOpt, sample: bool = SampleOpt,
+    temperature: float = TemperatureOpt, top_p: float = TopPOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
+    warmup: int = WarmupOpt, threads: int = ThreadsOpt, execute_code: bool = ExecuteOpt,
+) -> None:
+    """Decode a prompt set with one strategy (and the autoregressive baseline) and store the records."""
+    from skipbench.sweep import execute
+
+    with handled():
+        setup = setup_from_options(
+            model=model, prompt=prompt, dataset=dataset, num_samples=num_samples, seed=seed, n_shot=n_shot,
+            template=template, max_prompt_tokens=max_prompt_tokens, prompt_policy=prompt_policy,
+            data_dir=data_dir, max_new_tokens=max_new_tokens, stop=stop, sample=sample,
+            temperature=temperature, top_p=top_p, dtype=dtype, device=device, warmup=warmup,
+            threads=threads, execute_code=execute_code)
+        if strategy != "autoregressive" and num_speculations is None:
+            num_speculations = 4
+        cell = spec.Cell(strategy, exit_layer, num_speculations, draft_model, backend)
+        # Speedup and losslessness need the baseline on the same prompts: greedy speculative runs add it.
+        cells = [cell]
+        if strategy != "autoregressive" and not no_baseline and not sample:
+            cells = spec.with_baseline(cells, backend)
+        with RichProgress() as progress:
+            store = execute(setup, cells, out_dir or default_out(model, "run"), force=force, progress=progress)
+        print_summary(store)
+        out.print(f"records: {store.root}")
+
+
+# `skipbench sweep` with no arguments: a real sweep on the offline default model, a few minutes on 2 CPU cores.
+DEFAULT_SWEEP_SETUP = dict(model="smollm2-135m", dataset="humaneval", num_samples=4, max_new_tokens=48)
+DEFAULT_SWEEP_GRID = dict(exits="4,8,12,16,20,24", speculations="2,4")
+
+
+@app.command()
+def sweep(
+    sweep_file: str = typer.Argument(None, help="A sweep file (sweeps/*.toml); options given here override it."),
+    exits: str = typer.Option(None, "--exits", help="Exit layers: 2..16, 2..16:2, 1,2,4 or 1,2,8..12."),
+    speculations: str = typer.Option(None, "--speculations", help="Draft lengths K, same syntax (default 2,4,6)."),
+    strategies: str = typer.Option(None, "--strategies", help="Comma list: self_speculative, speculative."),
+    draft_model: list[str] = typer.Option(None, "--draft-model", help="A draft model: two-model rows (repeatable)."),
+    backends: str = typer.Option(None, "--backends", help="Comma list of native, hf (default native)."),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="Run directory; rerunning it resumes."),
+    force: bool = ForceOpt,
+    report: bool = typer.Option(True, "--report/--no-report", help="Write tables and plots when done."),
+    model: str = typer.Option(None, "--model", "-m", help="As for run (default smollm2-135m)."),
+    prompt: list[str] = PromptOpt, dataset: str = DatasetOpt, num_samples: int = NumSamplesOpt,
+    seed: int = typer.Option(None, "--seed"), n_shot: int = typer.Option(None, "--n-shot"),
+    template: str = TemplateOpt, max_prompt_tokens: int = MaxPromptOpt,
+    prompt_policy: str = typer.Option(None, "--prompt-policy"), data_dir: str = DataDirOpt,
+    max_new_tokens: int = MaxNewOpt, stop: list[str] = StopOpt,
+    sample: bool = typer.Option(None, "--sample/--greedy"), temperature: float = typer.Option(None, "--temperature"),
+    top_p: float = typer.Option(None, "--top-p"), dtype: str = typer.Option(None, "--dtype"),
+    device: str = typer.Option(None, "--device"), warmup: int = typer.Option(None, "--warmup"),
+    threads: int = ThreadsOpt, execute_code: bool = typer.Option(None, "--execute-code/--no-execute-code"),
+) -> None:
+    """Sweep exit layers, draft lengths and draft models; the autoregressive baseline is always included."""
+    from skipbench.sweep import execute
+
+    with handled():
+        file_setup, file_grid, file_out = spec.load_sweep_file(sweep_file) if sweep_file else ({}, {}, None)
+        if not sweep_file:
+            file_setup, file_grid = dict(DEFAULT_SWEEP_SETUP), dict(DEFAULT_SWEEP_GRID)
+        given = dict(model=model, dataset=dataset, num_samples=num_samples, seed=seed, n_shot=n_shot,
+                     template=template, max_prompt_tokens=max_prompt_tokens, prompt_policy=prompt_policy,
+                     data_dir=data_dir, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
+                     top_p=top_p, dtype=dtype, device=device, warmup=warmup, threads=threads,
+                     execute_code=execute_code,
+                     prompts=tuple(prompt) if prompt else None, stop_sequences=tuple(stop) if stop else None)
+        if given["prompts"] is not None and "dataset" in file_setup and dataset is None:
+            file_setup.pop("dataset")  # --prompt replaces the file's dataset
+        setup = spec.override(spec.Setup(**file_setup), **given)
+        grid_values = dict(file_grid)
+        for key, value in (("exits", exits), ("speculations", speculations), ("strategies", strategies),
+                           ("backends", backends)):
+            if value is not None:
+                grid_values[key] = value
+        if draft_model:
+            grid_values["draft_models"] = list(draft_model)
+        cells = spec.grid_from(grid_values).expand()
+        target = out_dir or (Path(file_out) if file_out else default_out(setup.model, "sweep"))
+        console.print(f"sweep: {len(cells)} cells on {setup.model} -> {target}", highlight=False)
+        with RichProgress() as progress:
+            store = execute(setup, cells, target, force=force, progress=progress)
+        print_summary(store)
+        if report:
+            from skipbench.report import write_report
+
+            files = write_report(store.root)
+            out.print(f"tables and plots: {store.root / 'tables'}, {store.root / 'plots'} ({len(files)} files)")
+        out.print(f"records: {store.root}")
+
+
+class handled:
+    """Turn the user's errors into one red line and exit code 2; Ctrl-C into exit code 130."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None:
+            return False
+        if issubclass(kind, KeyboardInterrupt):
+            console.print("[yellow]interrupted[/]: finished cells are kept; rerun the same command to resume")
+            raise typer.Exit(130)
+        if issubclass(kind, user_errors()):
+            message = str(error).strip().splitlines()[0] if str(error).strip() else kind.__name__
+            fail(message)
+        return False
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The one decoding loop every native strategy runs, and the record of one generation.
+
+Each round (a "verify step") feeds the last committed token, plus up to K drafts, through the full
+model once and commits the drafts it agrees with plus one token of its own. Autoregressive decoding
+is the same loop with no drafts, so every strategy is counted and timed the same way.
+
+Prefill puts all prompt tokens but the last into the cache; the last prompt token is the first
+round's input. Hence new_tokens == accepted + verify_steps exactly (before any cut at EOS or a stop
+sequence), and autoregressive decoding makes one token per verify step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from skipbench.decoding.sampling import Sampler
+
+
+@dataclass
+class Step:
+    context: int  # tokens in the full model's cache when the step began
+    drafted: int
+    accepted: int  # drafts kept; the step also commits one token of the verifier's own
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)  # generated ids, EOS excluded
+    steps: list[Step] = field(default_factory=list)
+    time_s: float = 0.0
+    prefill_s: float = 0.0  # until the first generated token is known
+    stop_reason: str = "length"  # "length" | "eos" | "stop"
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def drafted(self) -> int:
+        return sum(step.drafted for step in self.steps)
+
+    @property
+    def accepted(self) -> int:
+        return sum(step.accepted for step in self.steps)
+
+    @property
+    def verify_steps(self) -> int:
+        return len(self.steps)
+
+
+class Strategy(Protocol):
+    def start(self, prompt: list[int], capacity: int) -> None:
+        """Prefill: every prompt token but the last into the cache(s)."""
+
+    def draft(self, last: int, count: int, sampler: Sampler) -> tuple[list[int], list[torch.Tensor] | None]:
+        """Propose up to `count` tokens after `last`; with sampling also their draft distributions."""
+
+    def verify(self, last: int, drafts: list[int]) -> torch.Tensor:
+        """Full-model logits (len(drafts)+1, vocab) for `last` followed by the drafts."""
+
+    def commit(self, length: int) -> None:
+        """Keep the first `length` positions of every cache; drop the rest (rejected drafts)."""
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(strategy: Strategy, prompt: list[int], *, max_new_tokens: int, num_speculations: int,
+             sampler: Sampler, eos_ids: Sequence[int], device: torch.device,
+             stop: Callable[[list[int]], bool] | None = None) -> Generation:
+    """Decode up to `max_new_tokens` after `prompt`, timing it device-synchronised."""
+    if not prompt:
+        raise ValueError("an empty prompt cannot be decoded")
+    eos = set(eos_ids)
+    record = Generation(prompt_tokens=len(prompt))
+    synchronize(device)
+    began = time.perf_counter()
+    with torch.inference_mode():
+        strategy.start(prompt, capacity=len(prompt) + max_new_tokens + num_speculations + 1)
+        last = prompt[-1]
+        while record.new_tokens < max_new_tokens:
+            context = len(prompt) - 1 + record.new_tokens
+            # Never draft past the token budget: the step's own token needs one place too.
+            count = min(num_speculations, max_new_tokens - record.new_tokens - 1)
+            drafts, draft_probs = strategy.draft(last, count, sampler) if count > 0 else ([], None)
+            kept, last = sampler.accept(drafts, draft_probs, strategy.verify(last, drafts))
+            strategy.commit(context + 1 + kept)
+            record.steps.append(Step(context, len(drafts), kept))
+            for token in [*drafts[:kept], last]:
+                if token in eos:
+                    record.stop_reason = "eos"
+                    break
+                record.tokens.append(token)
+            if len(record.steps) == 1:
+                synchronize(device)
+                record.prefill_s = time.perf_counter() - began
+            if record.stop_reason == "eos":
+                break
+            if stop is not None and stop(record.tokens):
+                record.stop_reason = "stop"
+                break
+    synchronize(device)
+    record.time_s = time.perf_counter() - began
+    return record

