@@ -1,0 +1,74 @@
+"""The command line: good runs write parquet records; bad input gives one clear line and exit code 2."""
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from skipbench.cli import app
+
+runner = CliRunner()
+TINY = "synthetic:tiny"
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_run_writes_records_with_the_baseline(tmp_path):
+    result = invoke("run", "--model", TINY, "--strategy", "self_speculative", "-e", 2, "-k", 3, "-p", "hello",
+                    "-p", "world", "--max-new-tokens", 12, "--warmup", 0, "--threads", 1, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [c["strategy"] for c in manifest["cells"]] == ["autoregressive", "self_speculative"]
+    assert manifest["models"]["target"]["synthetic"] is True
+    assert manifest["provenance"]["cpu_threads"] == 1
+    frame = pd.concat(pd.read_parquet(p) for p in (tmp_path / "cells").glob("*.parquet"))
+    assert len(frame) == 4 and set(frame["prompt_index"]) == {0, 1}
+    cut = frame["stop_reason"] == "eos"
+    assert (frame["new_tokens"] <= 12).all()
+    # Without an EOS cut, every output token is a kept draft or a verifier's own token.
+    assert (frame[~cut]["new_tokens"] == frame[~cut]["accepted"] + frame[~cut]["verify_steps"]).all()
+    assert "speedup" in result.output or "1.00x" in result.output
+
+
+def test_rerun_skips_finished_cells(tmp_path):
+    args = ("run", "--model", TINY, "-e", 1, "-k", 2, "-p", "hi", "--max-new-tokens", 5, "--warmup", 0, "--out",
+            tmp_path)
+    assert invoke(*args).exit_code == 0
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.parquet")}
+    assert invoke(*args).exit_code == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.parquet")} == files
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--model", TINY, "-e", 0), "outside 1..3"),
+    (("--model", TINY, "-e", 4), "outside 1..3"),
+    (("--model", TINY, "-e", 2, "-k", 0), "K >= 1"),
+    (("--model", TINY, "--strategy", "speculative"), "needs a draft model"),
+    (("--model", TINY, "--strategy", "nope"), "unknown strategy"),
+    (("--model", "synthetic:llama9"), "unknown synthetic preset"),
+    (("--model", "synthetic:tiny?agree=x", "-e", 1), "not an integer"),
+    (("--model", "/no/such/checkpoint", "-e", 1), "no such directory"),
+    (("--model", "someone/some-model", "-e", 1), "Hub is unreachable"),
+    (("--model", TINY, "--strategy", "speculative", "--draft-model", "synthetic:smollm2-135m?layers=1"),
+     "vocabulary"),
+    (("--model", TINY, "-e", 1, "--dataset", "cnn_dm"), "cnn_dm"),
+    (("--model", TINY, "-e", 1, "--dtype", "float8"), "--dtype"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, args, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prompt = () if "--dataset" in args else ("-p", "x")
+    result = invoke("run", *args, *prompt, "--max-new-tokens", 3, "--warmup", 0, "--out", tmp_path / "r")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in result.output, result.output
+
+
+def test_sweep_runs_every_cell_and_reports(tmp_path):
+    result = invoke("sweep", "--model", "synthetic:tiny?agree=2", "--exits", "1..3", "--speculations", "2",
+                    "-p", "abc", "--max-new-tokens", 8, "--warmup", 0, "--out", tmp_path, "--no-report")
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "cells").glob("*.parquet"))) == 4

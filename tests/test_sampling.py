@@ -1,0 +1,76 @@
+"""Speculative sampling must leave the target's distribution unchanged."""
+
+import torch
+from conftest import make_model
+
+from skipbench.decoding.layers import DecoderStack
+from skipbench.decoding.loop import generate
+from skipbench.decoding.sampling import Sampler
+from skipbench.decoding.speculative import TwoModel
+
+P = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+Q = torch.tensor([0.05, 0.05, 0.1, 0.1, 0.2, 0.5])
+
+
+def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().sum() / 2)
+
+
+def first_token_histogram(rule, draws: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    sampler = Sampler(sample=True, generator=generator)
+    target_logits = P.log().repeat(2, 1)
+    counts = torch.zeros(len(P))
+    for _ in range(draws):
+        draft = int(torch.multinomial(Q, 1, generator=generator))
+        kept, token = rule(sampler, [draft], [Q], target_logits)
+        counts[draft if kept else token] += 1
+    return counts / draws
+
+
+def test_acceptance_rule_reproduces_the_target_distribution():
+    assert total_variation(P, Q) > 0.5  # the draft is far from the target: a broken rule shows
+    observed = first_token_histogram(Sampler.accept, 20000)
+    assert total_variation(observed, P) < 0.02
+
+
+def test_a_broken_rule_would_fail_this_test():
+    def always_accept(sampler, drafts, draft_probs, target_logits):
+        return len(drafts), sampler.draw(sampler.probs(target_logits)[-1])
+
+    def resample_from_target(sampler, drafts, draft_probs, target_logits):
+        p = sampler.probs(target_logits)[0]
+        if torch.rand((), generator=sampler.generator) < min(1.0, float(p[drafts[0]] / draft_probs[0][drafts[0]])):
+            return 1, 0
+        return 0, sampler.draw(p)
+
+    assert total_variation(first_token_histogram(always_accept, 5000), P) > 0.2
+    assert total_variation(first_token_histogram(resample_from_target, 5000), P) > 0.05
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    sampler = Sampler(sample=True, top_p=0.75)
+    probs = sampler.probs(P.log()[None])[0]
+    assert torch.allclose(probs, torch.tensor([0.625, 0.25, 0.125, 0, 0, 0]))
+
+
+def test_two_model_sampling_matches_the_target_distribution_end_to_end():
+    vocab = 12
+    target, draft = make_model("gqa", seed=1, vocab_size=vocab), make_model("gqa", seed=2, vocab_size=vocab)
+    with torch.no_grad():  # sharpen both heads so the two distributions differ a lot
+        target.lm_head.weight.mul_(25)
+        draft.lm_head.weight.mul_(25)
+    prompt = [1, 5, 7, 3]
+    with torch.no_grad():
+        p = torch.softmax(target(torch.tensor([prompt])).logits[0, -1], -1)
+        q = torch.softmax(draft(torch.tensor([prompt])).logits[0, -1], -1)
+    assert total_variation(p, q) > 0.3
+    strategy = TwoModel(DecoderStack(target), DecoderStack(draft))
+    counts = torch.zeros(vocab)
+    draws = 2000
+    for seed in range(draws):
+        sampler = Sampler(sample=True, generator=torch.Generator().manual_seed(seed))
+        record = generate(strategy, prompt, max_new_tokens=3, num_speculations=2, sampler=sampler, eos_ids=[],
+                          device=torch.device("cpu"))
+        counts[record.tokens[0]] += 1
+    assert total_variation(counts / draws, p) < 0.05

@@ -1,0 +1,79 @@
+import pytest
+
+from skipbench.spec import Cell, Grid, Setup, SpecError, cell_key, grid_from, load_sweep_file, parse_range
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2..16", list(range(2, 17))),
+    ("2..16:2", [2, 4, 6, 8, 10, 12, 14, 16]),
+    ("1,2,4", [1, 2, 4]),
+    ("1,2,8..12", [1, 2, 8, 9, 10, 11, 12]),
+    ("4", [4]),
+    ("3..3", [3]),
+    ("8..12, 1", [1, 8, 9, 10, 11, 12]),
+])
+def test_ranges(text, expected):
+    assert parse_range(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "2..", "a", "16..2", "2..16:0", "1,,2", "2...4", "1-4"])
+def test_bad_ranges_are_refused(text):
+    with pytest.raises(SpecError):
+        parse_range(text)
+
+
+def test_grid_expands_every_combination_after_the_baseline():
+    cells = Grid(strategies=("self_speculative", "speculative"), exits=(2, 4), speculations=(1, 3),
+                 draft_models=("d",)).expand()
+    assert cells[0] == Cell("autoregressive")
+    assert cells[1:] == [Cell("self_speculative", 2, 1), Cell("self_speculative", 2, 3),
+                         Cell("self_speculative", 4, 1), Cell("self_speculative", 4, 3),
+                         Cell("speculative", None, 1, "d"), Cell("speculative", None, 3, "d")]
+
+
+def test_grid_from_strings_and_lists():
+    grid = grid_from({"exits": "2..6:2", "speculations": [2, 4], "backends": "native,hf"})
+    assert grid.exits == (2, 4, 6) and grid.speculations == (2, 4) and grid.backends == ("native", "hf")
+    assert [c for c in grid.expand() if c.strategy == "autoregressive"] == [
+        Cell("autoregressive", backend="native"), Cell("autoregressive", backend="hf")]
+    with pytest.raises(SpecError, match="unknown sweep key"):
+        grid_from({"exit": "2"})
+    with pytest.raises(SpecError, match="needs --exits"):
+        grid_from({}).expand()
+
+
+@pytest.mark.parametrize("cell, message", [
+    (Cell("self_speculative", 0, 4), "outside 1..3"),
+    (Cell("self_speculative", 4, 4), "outside 1..3"),
+    (Cell("self_speculative", None, 4), "needs --exit-layer"),
+    (Cell("self_speculative", 2, 0), "K >= 1"),
+    (Cell("speculative", None, 4), "needs a draft model"),
+    (Cell("autoregressive", 2), "takes no exit layer"),
+    (Cell("beam", 2, 2), "unknown strategy"),
+    (Cell("self_speculative", 2, 2, backend="vllm"), "unknown backend"),
+])
+def test_bad_cells_are_refused(cell, message):
+    with pytest.raises(SpecError, match=message):
+        cell.check(num_layers=4)
+
+
+def test_cell_key_depends_on_what_defines_the_numbers_only():
+    setup = Setup(model="m", prompts=("a",))
+    cell = Cell("self_speculative", 2, 4)
+    assert cell_key(setup, cell) == cell_key(Setup(model="m", prompts=("a",), warmup=5), cell)
+    assert cell_key(setup, cell) != cell_key(Setup(model="m", prompts=("b",)), cell)
+    assert cell_key(setup, cell) != cell_key(setup, Cell("self_speculative", 2, 5))
+
+
+def test_sweep_file(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('out = "runs/x"\n[setup]\nmodel = "synthetic:tiny"\nprompts = ["a", "b"]\n'
+                    '[sweep]\nexits = "1..3"\nspeculations = [2]\n')
+    setup, sweep, out = load_sweep_file(str(path))
+    assert setup == {"model": "synthetic:tiny", "prompts": ("a", "b")} and out == "runs/x"
+    assert len(grid_from(sweep).expand()) == 4
+    path.write_text("[setup]\nmodle = 'x'\n")
+    with pytest.raises(SpecError, match="unknown setup key"):
+        load_sweep_file(str(path))
+    with pytest.raises(SpecError, match="does not exist"):
+        load_sweep_file(str(tmp_path / "none.toml"))
