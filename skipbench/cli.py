@@ -251,6 +251,60 @@ def sweep(
         out.print(f"records: {store.root}")
 
 
+@app.command()
+def datasets(data_dir: str = DataDirOpt) -> None:
+    """List the tasks, where each comes from, and whether it is available right now."""
+    from skipbench.tasks import available_tasks
+
+    table = Table(title="skipbench datasets")
+    for name in ("task", "source", "available", "where / how"):
+        table.add_column(name)
+    for task in available_tasks(data_dir):
+        table.add_row(task["name"], task["source"], "yes" if task["available"] else "no",
+                      task["where"] if task["available"] else task["how"])
+    out.print(table)
+
+
+@app.command()
+def roofline(device: str = DeviceOpt, dtype: str = DtypeOpt) -> None:
+    """Measure this device's copy bandwidth and matmul rate: the peaks that reports compare against."""
+    from skipbench.measure import measure_roofline
+    from skipbench.models import resolve_device, resolve_dtype
+
+    with handled():
+        torch_device = resolve_device(device)
+        peaks = measure_roofline(torch_device, resolve_dtype(dtype, torch_device))
+    out.print(f"device {torch_device}: copy bandwidth {peaks['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
+              f"{peaks['dtype']} matmul {peaks['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s")
+    out.print(f"use: skipbench report RUN --peak-bandwidth {peaks['bandwidth_bytes_per_s']:.3g} "
+              f"--peak-flops {peaks['matmul_flops_per_s']:.3g}")
+
+
+@app.command()
+def benchmark(
+    model: str = typer.Option("synthetic:llama3-8b?agree=8", "--model", "-m"),
+    draft_model: str = typer.Option("synthetic:llama3-8b?agree=8&layers=8", "--draft-model",
+                                    help="Two-model draft ('' for none)."),
+    exits: str = typer.Option("4,8,16", "--exits"), speculations: str = typer.Option("2,4,8", "--speculations"),
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens"), new_tokens: int = typer.Option(128, "--new-tokens"),
+    repeats: int = typer.Option(3, "--repeats"), hf: bool = typer.Option(True, "--hf/--no-hf"),
+    dtype: str = DtypeOpt, device: str = DeviceOpt,
+    out_dir: Path = typer.Option(None, "--out", "-o"),
+) -> None:
+    """The engine benchmark (ANCHORS.md's set-up): native and transformers paths vs the measured roofline."""
+    from skipbench.benchmark import benchmark_markdown, run_benchmark
+
+    with handled():
+        target = out_dir or default_out(model, "benchmark")
+        with RichProgress() as progress:
+            run_benchmark(model, draft_model or None, spec.parse_range(exits), spec.parse_range(speculations),
+                          target, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
+                          dtype=dtype, device=device, hf=hf, progress=progress)
+        import json
+
+        out.print(benchmark_markdown(json.loads((target / "benchmark.json").read_text())))
+
+
 class handled:
     """Turn the user's errors into one red line and exit code 2; Ctrl-C into exit code 130."""
 

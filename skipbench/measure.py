@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -63,11 +64,12 @@ class CellRunner:
     def generate(self, prompt: Prompt) -> Generation:
         kwargs = dict(max_new_tokens=self.prompt_set.max_new_tokens, sampler=self.sampler(prompt),
                       eos_ids=self.eos, device=self.device)
-        if self.cell.backend == "hf":
+        if self.cell.backend in ("hf", "hf_static"):
             return generate_hf(self.target.model, prompt.token_ids, exit_layer=self.cell.exit_layer,
                                draft=self.draft.model if self.draft else None,
                                num_speculations=self.cell.num_speculations or 0,
-                               seed=self.setup.seed * 1_000_003 + prompt.index, **kwargs)
+                               seed=self.setup.seed * 1_000_003 + prompt.index,
+                               static_cache=self.cell.backend == "hf_static", **kwargs)
         return generate(self.strategy, prompt.token_ids, num_speculations=self.cell.num_speculations or 0,
                         stop=self.stop_rule(), **kwargs)
 
@@ -103,6 +105,32 @@ class CellRunner:
             scores = tasks.score(task, example, completion, execute_code=self.setup.execute_code)
             row |= {f"quality_{name}": value for name, value in scores.items()}
         return row
+
+
+def measure_roofline(device: torch.device, dtype: torch.dtype, size_mb: int = 1024, repeats: int = 10) -> dict:
+    """The device's copy bandwidth (bytes read + written per second) and matmul rate, measured here.
+
+    Bandwidth / weight bytes is the autoregressive roofline: a batch-1 decode reads every weight once
+    per token, so it cannot exceed that many tokens per second.
+    """
+    def timed(action) -> float:
+        action()  # warm-up
+        synchronize(device)
+        began = time.perf_counter()
+        for _ in range(repeats):
+            action()
+        synchronize(device)
+        return (time.perf_counter() - began) / repeats
+
+    source = torch.empty(size_mb * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    target = torch.empty_like(source)
+    copy_s = timed(lambda: target.copy_(source))
+    side = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(side, side, device=device).to(dtype)
+    b = torch.randn(side, side, device=device).to(dtype)
+    matmul_s = timed(lambda: a @ b)
+    return {"bandwidth_bytes_per_s": 2 * source.numel() * 4 / copy_s,
+            "matmul_flops_per_s": 2 * side**3 / matmul_s, "dtype": str(dtype).removeprefix("torch.")}
 
 
 def peak_memory_reset(device: torch.device) -> None:

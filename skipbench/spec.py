@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 
 STRATEGIES = ("autoregressive", "speculative", "self_speculative")
-BACKENDS = ("native", "hf")
+BACKENDS = ("native", "hf", "hf_static")  # hf_static: generate() with a static, compiled cache (AR only)
 
 
 class SpecError(Exception):
@@ -29,7 +29,7 @@ class Cell:
     backend: str = "native"
 
     def label(self) -> str:
-        parts = [self.strategy if self.backend == "native" else f"{self.strategy} (hf)"]
+        parts = [self.strategy if self.backend == "native" else f"{self.strategy} ({self.backend})"]
         if self.exit_layer is not None:
             parts.append(f"E={self.exit_layer}")
         if self.draft_model is not None:
@@ -44,6 +44,9 @@ class Cell:
             raise SpecError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.backend not in BACKENDS:
             raise SpecError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.backend == "hf_static" and self.strategy != "autoregressive":
+            raise SpecError("backend hf_static runs autoregressive decoding only (transformers cannot speculate "
+                            "with a static cache)")
         if self.strategy == "autoregressive":
             if self.exit_layer is not None or self.draft_model is not None or self.num_speculations is not None:
                 raise SpecError("autoregressive decoding takes no exit layer, draft model or speculations")

@@ -54,9 +54,14 @@ def _steps_from_passes(passes: list[tuple[int, int]], prompt_tokens: int, total_
 def generate_hf(target: PreTrainedModel, prompt: list[int], *, max_new_tokens: int, sampler: Sampler,
                 eos_ids: Sequence[int], device: torch.device, exit_layer: int | None = None,
                 draft: PreTrainedModel | None = None, num_speculations: int = 0,
-                seed: int = 0) -> Generation:
-    """Run `generate()` autoregressively, with `assistant_early_exit=exit_layer`, or with a draft model."""
+                seed: int = 0, static_cache: bool = False) -> Generation:
+    """Run `generate()` autoregressively, with `assistant_early_exit=exit_layer`, or with a draft model.
+
+    `static_cache` asks for transformers' fastest autoregressive path: a static cache, which transformers
+    compiles on CUDA (its compile and capture happen in the uncounted warm-up generations)."""
     config = copy.deepcopy(target.generation_config)
+    if static_cache:
+        config.cache_implementation = "static"
     config.max_new_tokens, config.min_new_tokens = max_new_tokens, None
     config.do_sample = sampler.sample
     config.temperature, config.top_p, config.top_k = sampler.temperature, sampler.top_p, None
