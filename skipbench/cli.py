@@ -35,12 +35,13 @@ def fail(message: str, code: int = 2) -> None:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix: shown as one line, never a traceback."""
+    from skipbench.compare import CompareError
     from skipbench.decoding.layers import EngineError
     from skipbench.models import ModelError
     from skipbench.sweep import RunError
     from skipbench.tasks import TaskError
 
-    return (spec.SpecError, ModelError, EngineError, TaskError, RunError, FileNotFoundError)
+    return (spec.SpecError, ModelError, EngineError, TaskError, RunError, CompareError, FileNotFoundError)
 
 
 class RichProgress:
@@ -303,6 +304,64 @@ def benchmark(
         import json
 
         out.print(benchmark_markdown(json.loads((target / "benchmark.json").read_text())))
+
+
+def parse_fraction(text: str) -> float:
+    """`5%` or `0.05` -> 0.05."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise spec.SpecError(f"cannot read {text!r} as a fraction; use 5% or 0.05") from None
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory (runs/<run>)."),
+    peak_bandwidth: float = typer.Option(None, "--peak-bandwidth", help="Bytes/s (see skipbench roofline)."),
+    peak_flops: float = typer.Option(None, "--peak-flops", help="FLOP/s (see skipbench roofline)."),
+    overlay: list[Path] = typer.Option(None, "--overlay", help="Other runs to overlay with this one (repeatable)."),
+    labels: str = typer.Option(None, "--labels", help="Comma list of labels for this run and the overlays."),
+) -> None:
+    """Tables (Markdown, LaTeX, CSV) and plots (PNG, PDF) from a run's raw records."""
+    from skipbench.plots import overlay as overlay_plot
+    from skipbench.report import efficiency_markdown, write_report
+
+    with handled():
+        files = write_report(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops)
+        if overlay:
+            runs = [run_dir, *overlay]
+            names = labels.split(",") if labels else [path.name for path in runs]
+            if len(names) != len(runs):
+                raise spec.SpecError(f"--labels gives {len(names)} labels for {len(runs)} runs")
+            files += overlay_plot(runs, names, run_dir / "plots" / "overlay")
+        out.print(efficiency_markdown(run_dir), highlight=False)
+        out.print(f"wrote {len(files)} files under {run_dir}/tables and {run_dir}/plots")
+
+
+@app.command()
+def compare(
+    base_dir: Path = typer.Argument(..., help="The baseline run (e.g. results/ci-smoke)."),
+    new_dir: Path = typer.Argument(..., help="The run to check."),
+    max_slowdown: str = typer.Option("5%", "--max-slowdown", help="Speedup may fall this much (5% or 0.05)."),
+    max_acceptance_drop: float = typer.Option(0.02, "--max-acceptance-drop"),
+    max_quality_drop: float = typer.Option(0.01, "--max-quality-drop"),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="A base cell missing in the new run is a note."),
+) -> None:
+    """Match the cells of two runs and exit 1 when one regressed beyond the tolerances."""
+    from skipbench.compare import compare_runs, format_comparison
+
+    with handled():
+        comparison = compare_runs(base_dir, new_dir, max_slowdown=parse_fraction(max_slowdown),
+                                  max_acceptance_drop=max_acceptance_drop, max_quality_drop=max_quality_drop,
+                                  allow_missing=allow_missing)
+    out.print(format_comparison(comparison))
+    for note in comparison.notes:
+        out.print(f"note: {note}", highlight=False)
+    for problem in comparison.problems:
+        out.print(f"[red]regression[/]: {problem}", highlight=False)
+    if not comparison.ok:
+        raise typer.Exit(1)
+    out.print("[green]no regression[/]")
 
 
 class handled:

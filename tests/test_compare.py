@@ -1,0 +1,208 @@
+"""Tests for skipbench.compare: the regression gate on a real run and on doctored copies of it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from skipbench.compare import CompareError, compare_runs, comparison_text, format_comparison
+from skipbench.spec import Cell, Setup, with_baseline
+from skipbench.store import RunStore
+from skipbench.sweep import execute
+
+FAST = "self_speculative E=2 K=4"  # accepts everything: a cell well above 1x
+SLOWER = "self_speculative E=1 K=2"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU is shared: one thread keeps a tiny model fast
+    try:
+        setup = Setup(
+            model="synthetic:tiny?agree=2",
+            prompts=("hello", "world wide", "abc", "a b c d"),
+            max_new_tokens=12,
+            warmup=0,
+        )
+        cells = with_baseline(
+            [
+                Cell("self_speculative", exit_layer=1, num_speculations=2),
+                Cell("self_speculative", exit_layer=2, num_speculations=4),
+            ]
+        )
+        store = execute(setup, cells, tmp_path_factory.mktemp("compare") / "base")
+    finally:
+        torch.set_num_threads(threads)
+    return store.root
+
+
+def copy_run(run, tmp_path, name="new"):
+    target = tmp_path / name
+    shutil.copytree(run, target)
+    return target
+
+
+def cell_file(root, label):
+    for path in (root / "cells").glob("*.parquet"):
+        if pd.read_parquet(path, columns=["cell_label"])["cell_label"].iloc[0] == label:
+            return path
+    raise KeyError(label)
+
+
+def edit_cell(root, label, change) -> None:
+    path = cell_file(root, label)
+    frame = pd.read_parquet(path)
+    change(frame)
+    frame.to_parquet(path, index=False)
+
+
+def edit_manifest(root, change) -> None:
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def not_deterministic(manifest) -> None:
+    manifest["provenance"]["device"] = "NVIDIA H100 80GB HBM3"
+    manifest["provenance"]["dtype"] = "bfloat16"
+
+
+def test_identical_runs_pass(run) -> None:
+    result = compare_runs(run, run)
+    assert result.ok and result.problems == [] and result.deterministic
+    assert set(result.rows["verdict"]) == {"ok"}
+    fast = result.rows[result.rows["cell"] == FAST].iloc[0]
+    assert fast["speedup_ratio"] == pytest.approx(1.0)
+    assert fast["speedup_ci_low"] == pytest.approx(1.0) and fast["speedup_ci_high"] == pytest.approx(1.0)
+    assert "OK" in comparison_text(result)
+    assert format_comparison(result).row_count == 3
+
+
+def test_thirty_percent_slowdown_fails(run, tmp_path) -> None:
+    new = copy_run(run, tmp_path)
+
+    def slow(frame):
+        frame["time_s"] *= 1.3
+
+    edit_cell(new, FAST, slow)
+    result = compare_runs(run, new)
+    assert not result.ok
+    row = result.rows[result.rows["cell"] == FAST].iloc[0]
+    assert row["verdict"] == "FAIL" and row["speedup_ratio"] == pytest.approx(1 / 1.3)
+    assert row["speedup_ci_high"] < 0.95
+    assert len(result.problems) == 1 and result.problems[0].startswith(FAST)
+    assert "slower" in result.problems[0]
+    assert "FAIL" in comparison_text(result)
+    # The other way round the new run is faster: reported, never a failure.
+    reverse = compare_runs(new, run)
+    assert reverse.ok and reverse.rows.set_index("cell").loc[FAST, "verdict"] == "faster"
+
+
+def test_one_percent_noise_passes(run, tmp_path) -> None:
+    new = copy_run(run, tmp_path)
+    rng = np.random.default_rng(1)
+    for path in (new / "cells").glob("*.parquet"):
+        frame = pd.read_parquet(path)
+        frame["time_s"] *= rng.uniform(0.99, 1.01, len(frame))
+        frame.to_parquet(path, index=False)
+    result = compare_runs(run, new)
+    assert result.ok, result.problems
+    ratios = result.rows["speedup_ratio"].dropna()
+    assert len(ratios) == 2 and ((ratios > 0.97) & (ratios < 1.03)).all()
+
+
+def test_changed_token_fails_exactly_when_deterministic(run, tmp_path) -> None:
+    def change_token(frame):
+        tokens = [list(t) for t in frame["tokens"]]
+        tokens[0][5] = (tokens[0][5] + 1) % 300
+        frame["tokens"] = tokens
+
+    new = copy_run(run, tmp_path)
+    edit_cell(new, FAST, change_token)
+    result = compare_runs(run, new)
+    assert not result.ok
+    assert any("tokens differ from index 5" in p for p in result.problems)
+
+    # The same change between two GPU bf16 runs is within noise: one prompt's losslessness.
+    base = copy_run(run, tmp_path, "base_gpu")
+    edit_manifest(base, not_deterministic)
+    edit_manifest(new, not_deterministic)
+    result = compare_runs(base, new)
+    assert not result.deterministic
+    assert result.ok, result.problems
+    row = result.rows[result.rows["cell"] == FAST].iloc[0]
+    assert row["base_lossless"] == 1.0 and row["new_lossless"] == pytest.approx(0.75)
+
+
+def test_acceptance_drop_beyond_tolerance_fails_when_not_deterministic(run, tmp_path) -> None:
+    base, new = copy_run(run, tmp_path, "base"), copy_run(run, tmp_path)
+    for root in (base, new):
+        edit_manifest(root, not_deterministic)
+
+    def accept_less(frame):
+        frame["accepted"] = frame["accepted"] - 1  # 9 drafted per prompt in this cell: 1.0 -> 0.889
+
+    edit_cell(new, FAST, accept_less)
+    result = compare_runs(base, new)
+    assert not result.ok and "acceptance" in result.problems[0]
+    assert compare_runs(base, new, max_acceptance_drop=0.2).ok
+
+
+def test_quality_drop(run, tmp_path) -> None:
+    base, new = copy_run(run, tmp_path, "base"), copy_run(run, tmp_path)
+
+    def scores(values):
+        def change(frame):
+            frame["quality_exact_match"] = values
+
+        return change
+
+    edit_cell(base, FAST, scores([1.0, 1.0, 1.0, 1.0]))
+    edit_cell(new, FAST, scores([1.0, 1.0, 1.0, 0.0]))  # one prompt: within bootstrap noise
+    assert compare_runs(base, new).ok
+    edit_cell(new, FAST, scores([0.0, 0.0, 0.0, 0.0]))
+    result = compare_runs(base, new)
+    assert not result.ok and "exact_match" in result.problems[0]
+
+
+def test_missing_and_extra_cells(run, tmp_path) -> None:
+    new = copy_run(run, tmp_path)
+    cell_file(new, SLOWER).unlink()
+    result = compare_runs(run, new)
+    assert not result.ok and "missing from the new run" in result.problems[0]
+    assert result.rows.set_index("cell").loc[SLOWER, "verdict"] == "missing in new"
+    assert compare_runs(run, new, allow_missing=True).ok
+    # A cell only in the new run is reported, not a failure.
+    extra = compare_runs(new, run)
+    assert extra.ok and any("only in the new run" in note for note in extra.notes)
+    # A cell that failed in the new run says so.
+    RunStore(new).write_error("broken", Cell("self_speculative", 1, 2), "RuntimeError: boom")
+    assert "failed in the new run (RuntimeError: boom)" in compare_runs(run, new).problems[0]
+
+
+def test_matching_ignores_cell_keys(run, tmp_path) -> None:
+    new = copy_run(run, tmp_path)
+    for path in (new / "cells").glob("*.parquet"):
+        frame = pd.read_parquet(path)
+        frame["cell_key"] = "other-" + frame["cell_key"]
+        frame.to_parquet(path, index=False)
+        path.rename(path.with_name("other-" + path.name))
+    assert compare_runs(run, new).ok
+
+
+def test_refuses_incomparable_runs(run, tmp_path) -> None:
+    other_prompts = copy_run(run, tmp_path, "prompts")
+    edit_manifest(other_prompts, lambda m: m["prompts"].update(prompt_set_hash="0000000000000000"))
+    with pytest.raises(CompareError, match="different prompt sets"):
+        compare_runs(run, other_prompts)
+    other_model = copy_run(run, tmp_path, "model")
+    edit_manifest(other_model, lambda m: m["models"]["target"].update(name="synthetic:other"))
+    with pytest.raises(CompareError, match="different models"):
+        compare_runs(run, other_model)
