@@ -89,16 +89,17 @@ class RichProgress:
 
 
 def print_summary(store) -> None:
-    from skipbench.report import summarize
+    """The run's cells in the order they were asked for, with the cost model's FLOPs per token."""
+    from skipbench.report import load_summary
 
-    summary = summarize(store.read_cells())
+    summary, _ = load_summary(store.root)
     table = Table(title=f"skipbench: {store.root}")
-    for name in ("cell", "tok/s", "ms/token", "s/input", "accept", "tokens/step", "speedup", "lossless"):
+    for name in ("cell", "tok/s", "ms/tok", "accept", "tok/step", "speedup", "lossless", "GFLOP/tok"):
         table.add_column(name, justify="left" if name == "cell" else "right")
     for row in summary.itertuples():
         table.add_row(row.cell_label, f"{row.tokens_per_s:.1f}", f"{row.time_per_token_s * 1e3:.2f}",
-                      f"{row.time_per_input_s:.3f}", _fmt(row.acceptance_rate), f"{row.tokens_per_step:.2f}",
-                      _fmt(row.speedup, "{:.2f}x"), _fmt(row.lossless, "{:.0%}"))
+                      _fmt(row.acceptance_rate), f"{row.tokens_per_step:.2f}", _fmt(row.speedup, "{:.2f}x"),
+                      _fmt(row.lossless, "{:.0%}"), _fmt(row.flops_per_token / 1e9, "{:.3g}"))
     out.print(table)
     for error in store.errors():
         out.print(f"[red]failed[/] {error['cell_label']}: {error['error']}", highlight=False)
@@ -306,6 +307,56 @@ def benchmark(
         out.print(benchmark_markdown(json.loads((target / "benchmark.json").read_text())))
 
 
+def _train_help(name: str) -> str:
+    from skipbench.train import OPTION_HELP
+
+    return OPTION_HELP.get(name, "")
+
+
+@app.command()
+def train(
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Where the checkpoint goes (a transformers directory)."),
+    base: str = typer.Option(None, "--base", help="Continual pretraining of a local checkpoint or smollm2-135m."),
+    preset: str = typer.Option("recipe-small", "--preset", help="Shape when training from scratch: recipe-small "
+                               "(12 layers, hidden 512; GPU) or recipe-cpu (smaller, for a CPU)."),
+    corpus: Path = typer.Option(None, "--corpus", help="Directory of text/code files (default: Python's stdlib)."),
+    recipe: str = typer.Option("layerskip", "--recipe", help="layerskip (layer dropout + early-exit loss) or none."),
+    layer_dropout_max: float = typer.Option(0.2, "--layer-dropout-max"),
+    early_exit_scale: float = typer.Option(1.0, "--early-exit-scale"),
+    curriculum: str = typer.Option("none", "--curriculum", help="none or gradual."),
+    steps: int = typer.Option(None, "--steps"), minutes: float = typer.Option(None, "--minutes"),
+    seq_len: int = typer.Option(256, "--seq-len"), batch_size: int = typer.Option(16, "--batch-size"),
+    lr: float = typer.Option(None, "--lr"), vocab_size: int = typer.Option(8192, "--vocab-size"),
+    seed: int = SeedOpt, device: str = DeviceOpt,
+) -> None:
+    """Train (or continue training) a Llama-family model with the LayerSkip recipe, or without it."""
+    from skipbench.train import TrainConfig, TrainError
+    from skipbench.train import train as run_training
+
+    config = TrainConfig(out_dir=out_dir, base=base, preset=preset, corpus=corpus, recipe=recipe,
+                         layer_dropout_max=layer_dropout_max, early_exit_scale=early_exit_scale,
+                         curriculum=curriculum, steps=steps, minutes=minutes, seq_len=seq_len,
+                         batch_size=batch_size, lr=lr, vocab_size=vocab_size, seed=seed, device=device)
+    bar = RichBar(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                  TimeElapsedColumn(), console=console)
+    with handled(TrainError), bar:
+        task = bar.add_task("train", total=steps, stats="")
+
+        def progress(step: int, total: int | None, loss: float, tokens_per_s: float) -> None:
+            bar.update(task, completed=step, total=total, stats=f"loss {loss:.3f}  {tokens_per_s:,.0f} tok/s")
+
+        result = run_training(config, progress=progress)
+    table = Table(title=f"{recipe} recipe: held-out loss {result.held_out_loss:.3f} after {result.steps} steps "
+                        f"({result.seconds:.0f} s)")
+    table.add_column("after layer", justify="right")
+    table.add_column("top-1 agreement with the final layer", justify="right")
+    table.add_column("held-out loss", justify="right")
+    for layer, agreement in result.agreement_by_layer.items():
+        table.add_row(str(layer), f"{agreement:.3f}", f"{result.loss_by_layer[layer]:.3f}")
+    out.print(table)
+    out.print(f"checkpoint: {result.out_dir} (use --model {result.out_dir})")
+
+
 def parse_fraction(text: str) -> float:
     """`5%` or `0.05` -> 0.05."""
     try:
@@ -367,6 +418,9 @@ def compare(
 class handled:
     """Turn the user's errors into one red line and exit code 2; Ctrl-C into exit code 130."""
 
+    def __init__(self, *extra: type[Exception]):
+        self.extra = extra
+
     def __enter__(self):
         return self
 
@@ -376,7 +430,7 @@ class handled:
         if issubclass(kind, KeyboardInterrupt):
             console.print("[yellow]interrupted[/]: finished cells are kept; rerun the same command to resume")
             raise typer.Exit(130)
-        if issubclass(kind, user_errors()):
+        if issubclass(kind, (*user_errors(), *self.extra)):
             message = str(error).strip().splitlines()[0] if str(error).strip() else kind.__name__
             fail(message)
         return False
