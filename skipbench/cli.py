@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -167,8 +168,6 @@ def run(
     warmup: int = WarmupOpt, threads: int = ThreadsOpt, execute_code: bool = ExecuteOpt,
 ) -> None:
     """Decode a prompt set with one strategy (and the autoregressive baseline) and store the records."""
-    from skipbench.sweep import execute
-
     with handled():
         setup = setup_from_options(
             model=model, prompt=prompt, dataset=dataset, num_samples=num_samples, seed=seed, n_shot=n_shot,
@@ -183,10 +182,7 @@ def run(
         cells = [cell]
         if strategy != "autoregressive" and not no_baseline and not sample:
             cells = spec.with_baseline(cells, backend)
-        with RichProgress() as progress:
-            store = execute(setup, cells, out_dir or default_out(model, "run"), force=force, progress=progress)
-        print_summary(store)
-        out.print(f"records: {store.root}")
+        run_sweep(setup, cells, out_dir or default_out(model, "run"), force, report=False)
 
 
 # `skipbench sweep` with no arguments: a real sweep on the offline default model, a few minutes on 2 CPU cores.
@@ -217,22 +213,21 @@ def sweep(
     threads: int = ThreadsOpt, execute_code: bool = typer.Option(None, "--execute-code/--no-execute-code"),
 ) -> None:
     """Sweep exit layers, draft lengths and draft models; the autoregressive baseline is always included."""
-    from skipbench.sweep import execute
-
     with handled():
-        file_setup, file_grid, file_out = spec.load_sweep_file(sweep_file) if sweep_file else ({}, {}, None)
-        if not sweep_file:
-            file_setup, file_grid = dict(DEFAULT_SWEEP_SETUP), dict(DEFAULT_SWEEP_GRID)
+        if sweep_file:
+            loaded = spec.load_sweep_file(sweep_file)
+        else:
+            loaded = spec.SweepFile(dict(DEFAULT_SWEEP_SETUP), dict(DEFAULT_SWEEP_GRID), None, [])
         given = dict(model=model, dataset=dataset, num_samples=num_samples, seed=seed, n_shot=n_shot,
                      template=template, max_prompt_tokens=max_prompt_tokens, prompt_policy=prompt_policy,
                      data_dir=data_dir, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
                      top_p=top_p, dtype=dtype, device=device, warmup=warmup, threads=threads,
                      execute_code=execute_code,
                      prompts=tuple(prompt) if prompt else None, stop_sequences=tuple(stop) if stop else None)
-        if given["prompts"] is not None and "dataset" in file_setup and dataset is None:
-            file_setup.pop("dataset")  # --prompt replaces the file's dataset
-        setup = spec.override(spec.Setup(**file_setup), **given)
-        grid_values = dict(file_grid)
+        if given["prompts"] is not None and dataset is None:
+            loaded.setup.pop("dataset", None)  # --prompt replaces the file's dataset
+        setup = spec.override(spec.Setup(**loaded.setup), **given)
+        grid_values = dict(loaded.grid)
         for key, value in (("exits", exits), ("speculations", speculations), ("strategies", strategies),
                            ("backends", backends)):
             if value is not None:
@@ -240,17 +235,42 @@ def sweep(
         if draft_model:
             grid_values["draft_models"] = list(draft_model)
         cells = spec.grid_from(grid_values).expand()
-        target = out_dir or (Path(file_out) if file_out else default_out(setup.model, "sweep"))
-        console.print(f"sweep: {len(cells)} cells on {setup.model} -> {target}", highlight=False)
-        with RichProgress() as progress:
-            store = execute(setup, cells, target, force=force, progress=progress)
-        print_summary(store)
-        if report:
-            from skipbench.report import write_report
+        target = out_dir or (Path(loaded.out) if loaded.out else default_out(setup.model, "sweep"))
+        if not loaded.train:
+            run_sweep(setup, cells, target, force, report)
+            return
+        # A recipe comparison: train each model unless its checkpoint exists, sweep it, then overlay them.
+        runs = []
+        for entry in loaded.train:
+            options = {key: value for key, value in entry.items() if key != "label"}
+            checkpoint = Path(options["out_dir"])
+            if not (checkpoint / "config.json").is_file():
+                console.print(f"training {entry['label']} -> {checkpoint}", highlight=False)
+                run_train(train_config(**options))
+            else:
+                console.print(f"reusing {checkpoint} for {entry['label']}", highlight=False)
+            runs.append(run_sweep(replace(setup, model=str(checkpoint)), cells, target / entry["label"], force,
+                                  report))
+        from skipbench.plots import overlay
 
-            files = write_report(store.root)
-            out.print(f"tables and plots: {store.root / 'tables'}, {store.root / 'plots'} ({len(files)} files)")
-        out.print(f"records: {store.root}")
+        files = overlay([store.root for store in runs], [entry["label"] for entry in loaded.train],
+                        target / "overlay")
+        out.print(f"overlay: {', '.join(str(f) for f in files)}")
+
+
+def run_sweep(setup: spec.Setup, cells: list[spec.Cell], target: Path, force: bool, report: bool):
+    from skipbench.report import write_report
+    from skipbench.sweep import execute
+
+    console.print(f"sweep: {len(cells)} cells on {setup.model} -> {target}", highlight=False)
+    with RichProgress() as progress:
+        store = execute(setup, cells, target, force=force, progress=progress)
+    print_summary(store)
+    if report:
+        files = write_report(store.root)
+        out.print(f"tables and plots: {store.root / 'tables'}, {store.root / 'plots'} ({len(files)} files)")
+    out.print(f"records: {store.root}")
+    return store
 
 
 @app.command()
@@ -330,24 +350,42 @@ def train(
     seed: int = SeedOpt, device: str = DeviceOpt,
 ) -> None:
     """Train (or continue training) a Llama-family model with the LayerSkip recipe, or without it."""
-    from skipbench.train import TrainConfig, TrainError
+    with handled():
+        config = train_config(out_dir=out_dir, base=base, preset=preset, corpus=corpus, recipe=recipe,
+                              layer_dropout_max=layer_dropout_max, early_exit_scale=early_exit_scale,
+                              curriculum=curriculum, steps=steps, minutes=minutes, seq_len=seq_len,
+                              batch_size=batch_size, lr=lr, vocab_size=vocab_size, seed=seed, device=device)
+        run_train(config)
+
+
+def train_config(**options):
+    from skipbench.train import TrainConfig
+
+    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise spec.SpecError(f"unknown training option(s) {', '.join(sorted(unknown))}")
+    for key in ("out_dir", "corpus"):
+        if options.get(key) is not None:
+            options[key] = Path(options[key])
+    return TrainConfig(**options)
+
+
+def run_train(config) -> None:
+    """Train with a progress bar, then print the agreement table."""
+    from skipbench.train import TrainError
     from skipbench.train import train as run_training
 
-    config = TrainConfig(out_dir=out_dir, base=base, preset=preset, corpus=corpus, recipe=recipe,
-                         layer_dropout_max=layer_dropout_max, early_exit_scale=early_exit_scale,
-                         curriculum=curriculum, steps=steps, minutes=minutes, seq_len=seq_len,
-                         batch_size=batch_size, lr=lr, vocab_size=vocab_size, seed=seed, device=device)
     bar = RichBar(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                   TimeElapsedColumn(), console=console)
     with handled(TrainError), bar:
-        task = bar.add_task("train", total=steps, stats="")
+        task = bar.add_task("train", total=config.steps, stats="")
 
         def progress(step: int, total: int | None, loss: float, tokens_per_s: float) -> None:
             bar.update(task, completed=step, total=total, stats=f"loss {loss:.3f}  {tokens_per_s:,.0f} tok/s")
 
         result = run_training(config, progress=progress)
-    table = Table(title=f"{recipe} recipe: held-out loss {result.held_out_loss:.3f} after {result.steps} steps "
-                        f"({result.seconds:.0f} s)")
+    table = Table(title=f"{config.recipe} recipe: held-out loss {result.held_out_loss:.3f} after {result.steps} "
+                        f"steps ({result.seconds:.0f} s)")
     table.add_column("after layer", justify="right")
     table.add_column("top-1 agreement with the final layer", justify="right")
     table.add_column("held-out loss", justify="right")

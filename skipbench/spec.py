@@ -229,8 +229,17 @@ def grid_from(values: dict) -> Grid:
     return replace(grid, **changes)
 
 
-def load_sweep_file(path: str) -> tuple[dict, dict, str | None]:
-    """A sweep file: `[setup]` (any Setup field), `[sweep]` (grid keys) and an optional top-level `out`."""
+@dataclass
+class SweepFile:
+    setup: dict
+    grid: dict
+    out: str | None
+    train: list[dict]  # [[train]] tables: models to train (or reuse) and sweep one after the other
+
+
+def load_sweep_file(path: str) -> SweepFile:
+    """A sweep file: `[setup]` (any Setup field), `[sweep]` (grid keys), an optional top-level `out`, and
+    optional `[[train]]` tables (`label` plus `skipbench train` options) naming models to train and sweep."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -244,7 +253,7 @@ def load_sweep_file(path: str) -> tuple[dict, dict, str | None]:
         data = tomllib.loads(file.read_text())
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"sweep file {path}: {error}") from None
-    unknown = set(data) - {"setup", "sweep", "out", "description"}
+    unknown = set(data) - {"setup", "sweep", "out", "description", "train"}
     if unknown:
         raise SpecError(f"sweep file {path}: unknown section(s) {', '.join(sorted(unknown))}")
     setup = data.get("setup", {})
@@ -254,4 +263,8 @@ def load_sweep_file(path: str) -> tuple[dict, dict, str | None]:
     for key in ("prompts", "stop_sequences"):
         if key in setup:
             setup[key] = tuple(setup[key])
-    return setup, data.get("sweep", {}), data.get("out")
+    train = data.get("train", [])
+    for entry in train:
+        if not {"label", "out_dir"} <= set(entry):
+            raise SpecError(f"sweep file {path}: every [[train]] table needs a label and an out_dir")
+    return SweepFile(setup, data.get("sweep", {}), data.get("out"), train)

@@ -69,9 +69,9 @@ def test_sweep_file(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text('out = "runs/x"\n[setup]\nmodel = "synthetic:tiny"\nprompts = ["a", "b"]\n'
                     '[sweep]\nexits = "1..3"\nspeculations = [2]\n')
-    setup, sweep, out = load_sweep_file(str(path))
-    assert setup == {"model": "synthetic:tiny", "prompts": ("a", "b")} and out == "runs/x"
-    assert len(grid_from(sweep).expand()) == 4
+    loaded = load_sweep_file(str(path))
+    assert loaded.setup == {"model": "synthetic:tiny", "prompts": ("a", "b")} and loaded.out == "runs/x"
+    assert len(grid_from(loaded.grid).expand()) == 4 and loaded.train == []
     path.write_text("[setup]\nmodle = 'x'\n")
     with pytest.raises(SpecError, match="unknown setup key"):
         load_sweep_file(str(path))
