@@ -414,8 +414,12 @@ def report(
     """Tables (Markdown, LaTeX, CSV) and plots (PNG, PDF) from a run's raw records."""
     from skipbench.plots import overlay as overlay_plot
     from skipbench.report import efficiency_markdown, write_report
+    from skipbench.store import RunStore
+    from skipbench.sweep import RunError
 
     with handled():
+        if RunStore(run_dir).read_manifest() and RunStore(run_dir).read_cells().empty:
+            raise RunError(f"{run_dir} holds no finished cells yet: run or resume its sweep first")
         files = write_report(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops)
         if overlay:
             runs = [run_dir, *overlay]

@@ -128,9 +128,7 @@ def test_eager_attention_gets_an_explicit_causal_mask(tiny_model):
 def test_recipe_none_is_plain_cross_entropy(tiny_model):
     tiny_model.train()  # no dropout may happen even in training mode
     ids = torch.randint(3, 320, (3, 20), generator=torch.Generator().manual_seed(3))
-    loss, per_layer = layerskip_loss(
-        tiny_model, ids, recipe="none", dropout_rates=[0.5] * 4, exit_weights=[0.25] * 4
-    )
+    loss, per_layer = layerskip_loss(tiny_model, ids, recipe="none", dropout_rates=[0.5] * 4, exit_weights=[0.25] * 4)
     logits = tiny_model(ids).logits
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
