@@ -181,7 +181,7 @@ def run(
         # Speedup and losslessness need the baseline on the same prompts: greedy speculative runs add it.
         cells = [cell]
         if strategy != "autoregressive" and not no_baseline and not sample:
-            cells = spec.with_baseline(cells, backend)
+            cells = spec.with_baseline(cells)
         run_sweep(setup, cells, out_dir or default_out(model, "run"), force, report=False)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 STRATEGIES = ("autoregressive", "speculative", "self_speculative")
@@ -125,9 +126,10 @@ def cell_key(setup: Setup, cell: Cell) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def with_baseline(cells: list[Cell], backend: str | None = None) -> list[Cell]:
-    """Put the autoregressive baseline first (once per backend used) so speedups share prompts and run."""
-    backends = [backend] if backend else sorted({cell.backend for cell in cells}, key=BACKENDS.index)
+def with_baseline(cells: list[Cell], backends: Sequence[str] | None = None) -> list[Cell]:
+    """Put the autoregressive baseline first (once per backend) so speedups share prompts and run."""
+    if backends is None:
+        backends = sorted({cell.backend for cell in cells}, key=BACKENDS.index)
     baselines = [Cell("autoregressive", backend=name) for name in backends]
     rest = [cell for cell in cells if cell not in baselines]
     return [*baselines, *rest]
@@ -186,8 +188,7 @@ class Grid:
                               for k in self.speculations]
                 elif strategy != "autoregressive":
                     raise SpecError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-        baselines = [Cell("autoregressive", backend=backend) for backend in self.backends]
-        return [*baselines, *cells]
+        return with_baseline(cells, self.backends)
 
 
 def _as_list(value, name: str) -> list:
