@@ -202,8 +202,11 @@ def sweep(
     force: bool = ForceOpt,
     report: bool = typer.Option(True, "--report/--no-report", help="Write tables and plots when done."),
     model: str = typer.Option(None, "--model", "-m", help="As for run (default smollm2-135m)."),
-    prompt: list[str] = PromptOpt, dataset: str = DatasetOpt, num_samples: int = NumSamplesOpt,
-    seed: int = typer.Option(None, "--seed"), n_shot: int = typer.Option(None, "--n-shot"),
+    prompt: list[str] = PromptOpt,
+    dataset: list[str] = typer.Option(None, "--dataset", "-d", help="A task (repeatable: one run per task, "
+                                      "plus a per-task speedup table)."),
+    num_samples: int = NumSamplesOpt, seed: int = typer.Option(None, "--seed"),
+    n_shot: int = typer.Option(None, "--n-shot"),
     template: str = TemplateOpt, max_prompt_tokens: int = MaxPromptOpt,
     prompt_policy: str = typer.Option(None, "--prompt-policy"), data_dir: str = DataDirOpt,
     max_new_tokens: int = MaxNewOpt, stop: list[str] = StopOpt,
@@ -218,14 +221,16 @@ def sweep(
             loaded = spec.load_sweep_file(sweep_file)
         else:
             loaded = spec.SweepFile(dict(DEFAULT_SWEEP_SETUP), dict(DEFAULT_SWEEP_GRID), None, [])
-        given = dict(model=model, dataset=dataset, num_samples=num_samples, seed=seed, n_shot=n_shot,
+        given = dict(model=model, num_samples=num_samples, seed=seed, n_shot=n_shot,
                      template=template, max_prompt_tokens=max_prompt_tokens, prompt_policy=prompt_policy,
                      data_dir=data_dir, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
                      top_p=top_p, dtype=dtype, device=device, warmup=warmup, threads=threads,
                      execute_code=execute_code,
                      prompts=tuple(prompt) if prompt else None, stop_sequences=tuple(stop) if stop else None)
-        if given["prompts"] is not None and dataset is None:
-            loaded.setup.pop("dataset", None)  # --prompt replaces the file's dataset
+        # A file's `dataset` may list several tasks; --dataset (repeatable) or --prompt replaces it.
+        file_tasks = loaded.setup.pop("dataset", None)
+        tasks = list(dataset) if dataset else [] if prompt else (
+            file_tasks if isinstance(file_tasks, list) else [file_tasks] if file_tasks else [])
         setup = spec.override(spec.Setup(**loaded.setup), **given)
         grid_values = dict(loaded.grid)
         for key, value in (("exits", exits), ("speculations", speculations), ("strategies", strategies),
@@ -237,7 +242,7 @@ def sweep(
         cells = spec.grid_from(grid_values).expand()
         target = out_dir or (Path(loaded.out) if loaded.out else default_out(setup.model, "sweep"))
         if not loaded.train:
-            run_sweep(setup, cells, target, force, report)
+            sweep_tasks(setup, tasks, cells, target, force, report)
             return
         # A recipe comparison: train each model unless its checkpoint exists, sweep it, then overlay them.
         runs = []
@@ -249,13 +254,35 @@ def sweep(
                 run_train(train_config(**options))
             else:
                 console.print(f"reusing {checkpoint} for {entry['label']}", highlight=False)
-            runs.append(run_sweep(replace(setup, model=str(checkpoint)), cells, target / entry["label"], force,
-                                  report))
+            runs.append(sweep_tasks(replace(setup, model=str(checkpoint)), tasks, cells, target / entry["label"],
+                                    force, report))
         from skipbench.plots import overlay
 
-        files = overlay([store.root for store in runs], [entry["label"] for entry in loaded.train],
-                        target / "overlay")
-        out.print(f"overlay: {', '.join(str(f) for f in files)}")
+        for index, task in enumerate(tasks or [None]):
+            name = "overlay" if len(tasks) < 2 else f"overlay_{task}"
+            files = overlay([stores[index].root for stores in runs], [entry["label"] for entry in loaded.train],
+                            target / name)
+            out.print(f"overlay: {', '.join(str(f) for f in files)}")
+
+
+def sweep_tasks(setup: spec.Setup, tasks: list[str], cells: list[spec.Cell], target: Path, force: bool,
+                report: bool) -> list:
+    """One run per task (in TARGET/<task> when there are several), then the per-task speedup table."""
+    if len(tasks) < 2:
+        return [run_sweep(replace(setup, dataset=tasks[0] if tasks else setup.dataset), cells, target, force,
+                          report)]
+    stores = [run_sweep(replace(setup, dataset=task), cells, target / task_dir(task), force, report)
+              for task in tasks]
+    from skipbench.report import write_task_report
+
+    files = write_task_report(target, {task: store.root for task, store in zip(tasks, stores, strict=True)})
+    out.print(f"per-task table: {files[0]}")
+    return stores
+
+
+def task_dir(task: str) -> str:
+    """A directory name for a task (jsonl:PATH becomes jsonl-<file stem>)."""
+    return f"jsonl-{Path(task[6:]).stem}" if task.startswith("jsonl:") else task
 
 
 def run_sweep(setup: spec.Setup, cells: list[spec.Cell], target: Path, force: bool, report: bool):

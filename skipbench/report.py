@@ -828,3 +828,21 @@ def efficiency_markdown(run_dir: Path | str) -> str:
         return "(no finished cells)\n"
     tasks = list(dict.fromkeys(summary["dataset"])) if "dataset" in summary else None
     return to_markdown(efficiency_table(summary, manifest), notes=provenance_notes(manifest, tasks))
+
+
+def write_task_report(parent: Path | str, runs: dict[str, Path]) -> list[Path]:
+    """One sweep over several tasks (one run directory per task) -> the Spec-Bench-style task table."""
+    summaries, notes = [], []
+    for task, run_dir in runs.items():
+        summary, manifest = load_summary(run_dir)
+        summaries.append(summary.assign(dataset=task))
+        notes = notes or provenance_notes(manifest, list(runs))
+    tasks = list(runs)
+    return _write_table(
+        Path(parent) / "tables",
+        "tasks",
+        task_table(pd.concat(summaries, ignore_index=True)),
+        notes,
+        caption="speedup per task (Spec-Bench style)",
+        formats={f"speedup {t}": _FORMATS["speedup vs autoregressive"] for t in [*tasks, "mean over tasks"]},
+    )

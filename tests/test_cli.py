@@ -72,3 +72,18 @@ def test_sweep_runs_every_cell_and_reports(tmp_path):
                     "-p", "abc", "--max-new-tokens", 8, "--warmup", 0, "--out", tmp_path, "--no-report")
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "cells").glob("*.parquet"))) == 4
+
+
+def test_a_sweep_over_two_tasks_writes_one_run_per_task_and_the_task_table(tmp_path):
+    prompts = tmp_path / "code.jsonl"
+    prompts.write_text('{"prompt": "def add(a, b):"}\n{"prompt": "class Stack:"}\n')
+    result = invoke("sweep", "--model", TINY, "--exits", "2", "--speculations", "2", "--dataset", "humaneval",
+                    "--dataset", f"jsonl:{prompts}", "--num-samples", 2, "--max-new-tokens", 6, "--warmup", 0,
+                    "--out", tmp_path / "run", "--no-report")
+    assert result.exit_code == 0, result.output
+    for task in ("humaneval", "jsonl-code"):
+        assert json.loads((tmp_path / "run" / task / "manifest.json").read_text())["prompts"]["prompts"] == 2
+    table = pd.read_csv(tmp_path / "run" / "tables" / "tasks.csv")
+    assert list(table["strategy"]) == ["autoregressive", "self_speculative"]
+    assert {"speedup humaneval", f"speedup jsonl:{prompts}", "speedup mean over tasks"} <= set(table.columns)
+    assert (table.loc[0, [c for c in table.columns if c.startswith("speedup")]] == 1.0).all()
