@@ -87,3 +87,30 @@ def test_a_sweep_over_two_tasks_writes_one_run_per_task_and_the_task_table(tmp_p
     assert list(table["strategy"]) == ["autoregressive", "self_speculative"]
     assert {"speedup humaneval", f"speedup jsonl:{prompts}", "speedup mean over tasks"} <= set(table.columns)
     assert (table.loc[0, [c for c in table.columns if c.startswith("speedup")]] == 1.0).all()
+
+
+def test_datasets_lists_what_is_available_offline(monkeypatch):
+    monkeypatch.delenv("SKIPBENCH_DATA_DIR", raising=False)
+    result = runner.invoke(app, ["datasets"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") >= 4}
+    assert "│ yes " in rows["humaneval"] and "│ no " in rows["cnn_dm"] and "│ no " in rows["topv2"]
+
+
+def test_roofline_measures_this_device():
+    result = invoke("roofline", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "GB/s" in result.output and "--peak-bandwidth" in result.output
+
+
+def test_report_overlays_two_runs(tmp_path):
+    for name, model in (("a", "synthetic:tiny?agree=2"), ("b", "synthetic:tiny")):
+        assert invoke("sweep", "--model", model, "--exits", "1..2", "--speculations", "2", "-p", "abc",
+                      "--max-new-tokens", 6, "--warmup", 0, "--out", tmp_path / name, "--no-report").exit_code == 0
+    result = invoke("report", tmp_path / "a", "--overlay", tmp_path / "b", "--labels", "agree,random")
+    assert result.exit_code == 0, result.output
+    png = tmp_path / "a" / "plots" / "overlay.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert (tmp_path / "a" / "tables" / "efficiency.md").read_text().count("\n| synthetic") == 3
+    bad = invoke("report", tmp_path / "a", "--overlay", tmp_path / "b", "--labels", "only-one")
+    assert bad.exit_code == 2 and "labels" in bad.output

@@ -142,3 +142,15 @@ def test_exit_layer_must_be_inside_the_model():
     for bad in (0, 4, 9):
         with pytest.raises(EngineError, match="outside 1..3"):
             SelfSpeculative(stack, bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_float32_self_speculation_still_equals_autoregressive():
+    cuda = torch.device("cuda")
+    loaded = load_model("synthetic:tiny?agree=2", dtype="float32", device="cuda")
+    stack = DecoderStack(loaded.model)
+    common = dict(max_new_tokens=NEW, sampler=Sampler(), eos_ids=[], device=cuda)
+    reference = generate(Autoregressive(stack), PROMPT, num_speculations=0, **common).tokens
+    for exit_layer in range(1, stack.num_layers):
+        assert generate(SelfSpeculative(stack, exit_layer), PROMPT, num_speculations=4, **common).tokens == reference
