@@ -8,15 +8,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichBar
+from rich.table import Table
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn  # noqa: E402
-from rich.progress import Progress as RichBar  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from skipbench import spec  # noqa: E402
+from skipbench import spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Benchmark autoregressive, two-model speculative and LayerSkip self-speculative decoding.")
@@ -354,12 +352,6 @@ def benchmark(
         out.print(benchmark_markdown(json.loads((target / "benchmark.json").read_text())))
 
 
-def _train_help(name: str) -> str:
-    from skipbench.train import OPTION_HELP
-
-    return OPTION_HELP.get(name, "")
-
-
 @app.command()
 def train(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Where the checkpoint goes (a transformers directory)."),
@@ -506,6 +498,8 @@ class handled:
 
 
 def main() -> None:
+    # transformers is imported lazily by the commands; its advisory warnings would bury the tables.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         app()
     except BrokenPipeError:
