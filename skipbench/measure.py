@@ -58,8 +58,8 @@ class CellRunner:
         if not stops:
             return None
         decode = self.target.tokenizer.decode
-        # A stop sequence just completed lies in the tail: decoding only that keeps each check cheap.
-        return lambda ids: any(stop in decode(ids[-32:]) for stop in stops)
+        # Stop exactly where the completion will be cut, so a leading newline does not end a summary.
+        return lambda ids: tasks.truncate_completion(text := decode(ids), stops) != text
 
     def generate(self, prompt: Prompt) -> Generation:
         kwargs = dict(max_new_tokens=self.prompt_set.max_new_tokens, sampler=self.sampler(prompt),
