@@ -212,7 +212,8 @@ def smollm2_checkpoint() -> Path:
 
 
 def _hub_reachable() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if any(os.environ.get(var, "0") not in ("0", "", "false", "False")
+           for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return False
     import socket
 
@@ -228,15 +229,18 @@ def load_pretrained(name: str, dtype: torch.dtype, device: torch.device) -> Load
     local = path.is_dir()
     if not local and (name.startswith((".", "/", "~")) or path.suffix):
         raise ModelError(f"model {name!r}: no such directory")
-    if not local and not _hub_reachable():
-        raise ModelError(f"model {name!r}: not a local directory and the Hugging Face Hub is unreachable "
-                         f"(offline); use a local checkpoint directory, synthetic:<preset>, or "
-                         f"{', '.join(OFFLINE_MODELS)}")
     source = str(path.resolve()) if local else name
+    # Offline, a Hub id can still load from the Hugging Face cache of an earlier download.
+    cache_only = not local and not _hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cache_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
+                                                     local_files_only=cache_only)
     except (OSError, ValueError) as error:
+        if cache_only:
+            raise ModelError(f"model {name!r}: not a local directory, not in the Hugging Face cache, and the "
+                             f"Hub is unreachable (offline); use a local checkpoint directory, "
+                             f"synthetic:<preset>, or {', '.join(OFFLINE_MODELS)}") from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"model {name!r} could not be loaded from {source}: {first_line}") from None
     model.to(device).eval()

@@ -51,3 +51,30 @@ def test_smollm2_is_the_real_checkpoint_and_self_speculation_is_lossless_on_it()
     assert "return" in loaded.tokenizer.decode(ours.tokens)  # a real model writes real code
     early = generate(SelfSpeculative(stack, 8), prompt, num_speculations=4, **common)
     assert early.tokens == ours.tokens
+
+
+def test_a_hub_model_in_the_local_cache_loads_offline(tmp_path, monkeypatch):
+    from conftest import make_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # The Hugging Face cache layout of an earlier download of "someone/tiny-llama".
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    make_model("gqa").save_pretrained(snapshot)
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(snapshot)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load_model("someone/tiny-llama", device="cpu")
+    assert loaded.num_layers == 4 and loaded.tokenizer.encode("hello", add_special_tokens=False) == [3]
+    with pytest.raises(ModelError, match="not in the Hugging Face cache"):
+        load_model("someone/other-model", device="cpu")
