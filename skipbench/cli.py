@@ -437,7 +437,9 @@ def report(
     from skipbench.sweep import RunError
 
     with handled():
-        if RunStore(run_dir).read_manifest() and RunStore(run_dir).read_cells().empty:
+        store = RunStore(run_dir)
+        store.read_manifest()  # one clear line when this is not a run directory
+        if not store.has_cells():
             raise RunError(f"{run_dir} holds no finished cells yet: run or resume its sweep first")
         files = write_report(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops)
         if overlay:

@@ -89,17 +89,16 @@ class RunStore:
     def has_cell(self, key: str) -> bool:
         return self.cell_path(key).is_file()
 
+    def has_cells(self) -> bool:
+        return any(self.cells_dir.glob("*.parquet"))
+
     def write_cell(self, key: str, cell: Cell, rows: list[dict]) -> None:
         frame = pd.DataFrame(rows)
         for name, value in asdict(cell).items():
             frame[name] = value
         frame["cell_key"] = key
         frame["cell_label"] = cell.label()
-        path = self.cell_path(key)
-        partial = path.with_name(f".{path.name}.partial")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(partial, index=False)
-        os.replace(partial, path)
+        write_atomic(self.cell_path(key), frame.to_parquet(index=False))
         self.error_path(key).unlink(missing_ok=True)
 
     def write_error(self, key: str, cell: Cell, error: str) -> None:
