@@ -1,23 +1,26 @@
 """The engine benchmark: every decoding path on one model, as fractions of the device's roofline.
 
 A benchmark, not a test: on a GPU it shows what each method can really do, and how far transformers'
-own paths are from skipbench's engine. It is one sweep (so its records are a normal run directory)
-plus the measured roofline, and one table.
+own paths are from skipbench's engine. It is one sweep (its records are a normal run directory, measured
+in interleaved rounds), the measured roofline, and one table whose speedups are the summary's: time per
+token ratios of sums over prompts and rounds, each paired with the native autoregressive baseline.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import statistics
 import string
 from pathlib import Path
 
-from skipbench.measure import measure_roofline
+from skipbench import intervals
+from skipbench.measure import Progress, measure_roofline
 from skipbench.models import resolve_device, resolve_dtype
 from skipbench.spec import Cell, Setup
 from skipbench.store import RunStore, write_atomic
-from skipbench.sweep import Progress, execute
+from skipbench.summary import load_summary, rounds_of, units
+from skipbench.sweep import execute
+from skipbench.tables import number, to_markdown, with_interval
 
 
 def filler_prompt(tokens: int, seed: int = 0) -> str:
@@ -40,52 +43,61 @@ def benchmark_cells(exits: list[int], speculations: list[int], draft: str | None
 
 
 def run_benchmark(model: str, draft: str | None, exits: list[int], speculations: list[int], out_dir: Path, *,
-                  prompt_tokens: int = 512, new_tokens: int = 128, repeats: int = 3, dtype: str = "auto",
-                  device: str = "auto", hf: bool = True, progress: Progress | None = None) -> list[dict]:
+                  prompt_tokens: int = 512, new_tokens: int = 128, prompts: int = 3, repeats: int = 3,
+                  dtype: str = "auto", device: str = "auto", threads: int | None = None, hf: bool = True,
+                  progress: Progress | None = None) -> dict:
+    """Measure the roofline and every path; write RUN/benchmark.{json,md}; return the summary dict."""
     torch_device = resolve_device(device)
+    setup = Setup(model=model, prompts=tuple(filler_prompt(prompt_tokens, seed) for seed in range(prompts)),
+                  max_prompt_tokens=prompt_tokens, max_new_tokens=new_tokens, dtype=dtype, device=device,
+                  warmup=2, repeats=repeats, threads=threads)
+    store = execute(setup, benchmark_cells(exits, speculations, draft, hf), out_dir, progress=progress)
     peaks = measure_roofline(torch_device, resolve_dtype(dtype, torch_device))
-    setup = Setup(model=model, prompts=(filler_prompt(prompt_tokens),) * repeats, max_prompt_tokens=prompt_tokens,
-                  max_new_tokens=new_tokens, dtype=dtype, device=device, warmup=2)
-    cells = benchmark_cells(exits, speculations, draft, hf)
-    store = execute(setup, cells, out_dir, progress=progress)
-    manifest = store.read_manifest()
+    summary_frame, manifest = load_summary(out_dir)
+    frame = store.read_cells()
     target = manifest["models"]["target"]
     bytes_per_param = 2 if manifest["provenance"]["dtype"] in ("bfloat16", "float16") else 4
     weight_bytes = target["num_params"] * bytes_per_param
     roofline_tokens_per_s = peaks["bandwidth_bytes_per_s"] / weight_bytes
-    frame = store.read_cells()
+    native_ar = frame[frame["cell_key"] == summary_frame.iloc[0]["cell_key"]]
+    prompts_index = sorted(int(i) for i in frame["prompt_index"].unique())
     rows = []
-    for cell in cells:
-        group = frame[frame["cell_label"] == cell.label()]
-        if group.empty:
-            continue
-        # Median over repeats of per-generation tokens/s: one slow outlier does not move it.
-        tokens_per_s = statistics.median(group["new_tokens"] / group["time_s"])
-        rows.append({"decoding": cell.label(), "tokens_per_s": tokens_per_s,
-                     "roofline_fraction": tokens_per_s / roofline_tokens_per_s,
-                     "tokens_per_verify_step": group["new_tokens"].sum() / group["verify_steps"].sum()})
-    native_ar = next(r["tokens_per_s"] for r in rows if r["decoding"] == Cell("autoregressive").label())
-    for row in rows:
-        row["speedup_vs_native_ar"] = row["tokens_per_s"] / native_ar
-    summary = {"model": model, "device": manifest["provenance"]["device"], "dtype": manifest["provenance"]["dtype"],
-               "torch": manifest["provenance"]["torch_version"],
-               "transformers": manifest["provenance"]["transformers_version"], "weight_bytes": weight_bytes,
+    for row in summary_frame.to_dict("records"):
+        cell_rows = frame[frame["cell_key"] == row["cell_key"]]
+        rounds = rounds_of(cell_rows, native_ar)
+        versus = intervals.speedup(units(cell_rows, "time_s", "new_tokens", prompts_index, rounds),
+                                   units(native_ar, "time_s", "new_tokens", prompts_index, rounds))
+        rows.append({"decoding": row["cell_label"], "tokens_per_s": row["tokens_per_s"],
+                     "tokens_per_s_low": row["tokens_per_s_low"], "tokens_per_s_high": row["tokens_per_s_high"],
+                     "roofline_fraction": row["tokens_per_s"] / roofline_tokens_per_s,
+                     "speedup_vs_native_ar": versus[0], "speedup_vs_native_ar_low": versus[1],
+                     "speedup_vs_native_ar_high": versus[2], "tokens_per_verify_step": row["tokens_per_step"]})
+    provenance = manifest["provenance"]
+    summary = {"model": model, "device": provenance["device"], "dtype": provenance["dtype"],
+               "threads": provenance["cpu_threads"], "torch": provenance["torch_version"],
+               "transformers": provenance["transformers_version"], "weight_bytes": weight_bytes,
                "roofline_tokens_per_s": roofline_tokens_per_s, **peaks, "prompt_tokens": prompt_tokens,
-               "new_tokens": new_tokens, "repeats": repeats, "rows": rows}
+               "new_tokens": new_tokens, "prompts": prompts, "repeats": repeats, "rows": rows}
     write_atomic(RunStore(out_dir).root / "benchmark.json", json.dumps(summary, indent=2).encode())
     write_atomic(RunStore(out_dir).root / "benchmark.md", benchmark_markdown(summary).encode())
-    return rows
+    return summary
 
 
 def benchmark_markdown(summary: dict) -> str:
-    lines = [f"Model {summary['model']} ({summary['dtype']}, {summary['weight_bytes'] / 1e9:.2f} GB of weights) on "
-             f"{summary['device']}; torch {summary['torch']}, transformers {summary['transformers']}.",
-             f"Copy bandwidth {summary['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s -> autoregressive roofline "
-             f"{summary['roofline_tokens_per_s']:.1f} tokens/s. Prompt {summary['prompt_tokens']} tokens, "
-             f"{summary['new_tokens']} new tokens, median of {summary['repeats']} after warm-up.", "",
-             "| decoding | tokens/s | fraction of roofline | speedup vs native AR | tokens per verify step |",
-             "|---|---|---|---|---|"]
-    for row in summary["rows"]:
-        lines.append(f"| {row['decoding']} | {row['tokens_per_s']:.1f} | {row['roofline_fraction']:.0%} | "
-                     f"{row['speedup_vs_native_ar']:.2f}x | {row['tokens_per_verify_step']:.2f} |")
-    return "\n".join(lines) + "\n"
+    import pandas as pd
+
+    header = (f"Model {summary['model']} ({summary['dtype']}, {summary['weight_bytes'] / 1e9:.2f} GB of weights) on "
+              f"{summary['device']}, {summary['threads']} thread(s); torch {summary['torch']}, transformers "
+              f"{summary['transformers']}.\nCopy bandwidth {summary['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s -> "
+              f"autoregressive roofline {summary['roofline_tokens_per_s']:.1f} tokens/s. {summary['prompts']} "
+              f"prompts of {summary['prompt_tokens']} tokens, {summary['new_tokens']} new tokens, "
+              f"{summary['repeats']} interleaved rounds after warm-up; 95% intervals.\n\n")
+    table = pd.DataFrame([{
+        "decoding": row["decoding"],
+        "tokens/s": with_interval(row["tokens_per_s"], row["tokens_per_s_low"], row["tokens_per_s_high"], "{:.1f}"),
+        "fraction of roofline": number(row["roofline_fraction"], "{:.0%}"),
+        "speedup vs native AR": with_interval(row["speedup_vs_native_ar"], row["speedup_vs_native_ar_low"],
+                                              row["speedup_vs_native_ar_high"]),
+        "tokens per verify step": number(row["tokens_per_verify_step"], "{:.2f}"),
+    } for row in summary["rows"]])
+    return header + to_markdown(table)

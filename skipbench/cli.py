@@ -1,4 +1,9 @@
-"""The `skipbench` command line: parse options into specs, call the library, print with rich."""
+"""The `skipbench` command line: parse options, call the library, print. Nothing else lives here.
+
+Exit codes: 0 done; 1 a regression (compare); 2 a user error (one line, no traceback); 3 the sweep
+finished but some cells failed (listed with their errors); 130 interrupted (finished work is kept).
+User text (model names, prompts, errors) is never read as rich markup.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,20 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichBar
 from rich.table import Table
 
-from skipbench import spec
+from skipbench import methods, spec
+from skipbench.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Benchmark autoregressive, two-model speculative and LayerSkip self-speculative decoding.")
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+EXIT_REGRESSION, EXIT_USER_ERROR, EXIT_CELLS_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 @app.callback()
@@ -27,165 +36,286 @@ def _commands() -> None:
     """Benchmark autoregressive, two-model speculative and LayerSkip self-speculative decoding."""
 
 
-def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors that are the user's to fix: shown as one line, never a traceback."""
-    from skipbench.compare import CompareError
-    from skipbench.decoding.layers import EngineError
-    from skipbench.models import ModelError
-    from skipbench.sweep import RunError
-    from skipbench.tasks import TaskError
+class handled:
+    """The user's errors as one red line and exit code 2; Ctrl-C as exit code 130."""
 
-    return (spec.SpecError, ModelError, EngineError, TaskError, RunError, CompareError, FileNotFoundError)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None:
+            return False
+        if issubclass(kind, KeyboardInterrupt):
+            console.print("[yellow]interrupted[/]: finished work is kept; rerun the same command to resume")
+            raise typer.Exit(EXIT_INTERRUPTED)
+        if issubclass(kind, UserError | FileNotFoundError):
+            text = str(error).strip()
+            fail(text.splitlines()[0] if text else kind.__name__)
+        if issubclass(kind, OSError) and error.filename:  # read-only directory, full disk, ...
+            fail(f"cannot use {error.filename}: {error.strerror or error}")
+        return False
+
+
+# --------------------------------------------------------------------------- progress
 
 
 class RichProgress:
-    """Bars over cells and over the prompts of the current cell, with running tokens/s and acceptance."""
+    """One bar over the generations of a sweep, with the current cell's running tokens/s and acceptance.
+
+    When the output is not a terminal (a CI log, a file), plain lines instead: one per finished round,
+    at most one every 20 s in between, and one per finished or failed cell."""
 
     def __init__(self):
+        self.live = console.is_terminal
         self.bar = RichBar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=console)
-        self.cells_task = self.prompts_task = None
-        self.tokens = self.seconds = self.drafted = self.accepted = 0
+        self.task = None
+        self.totals: dict = {}
+        self.done = self.total = 0
+        self.began = self.last_line = time.perf_counter()
 
     def __enter__(self):
-        self.bar.__enter__()
+        if self.live:
+            self.bar.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        if self.live:
+            self.bar.__exit__(*exc)
 
-    def plan(self, cells: int, prompts: int) -> None:
-        self.cells_task = self.bar.add_task("cells", total=cells, stats="")
+    def plan(self, cells, generations: int, rounds: int) -> None:
+        self.total, self.done = generations, 0
+        self.note(f"measuring {len(cells)} cells: {generations} generations in {rounds} interleaved round(s)")
+        if self.live:
+            self.task = self.bar.add_task("generations", total=generations, stats="")
 
-    def cell_started(self, cell, prompts: int) -> None:
-        self.tokens = self.seconds = self.drafted = self.accepted = 0
-        if self.prompts_task is not None:
-            self.bar.remove_task(self.prompts_task)
-        self.prompts_task = self.bar.add_task(f"  {cell.label()}", total=prompts, stats="")
+    def warming_up(self, cell) -> None:
+        if self.live and self.task is not None:
+            self.bar.update(self.task, stats=f"warming up {escape(cell.label())}")
 
-    def prompt_done(self, row: dict) -> None:
-        self.tokens += row["new_tokens"]
-        self.seconds += row["time_s"]
-        self.drafted += row["drafted"]
-        self.accepted += row["accepted"]
-        stats = f"{self.tokens / self.seconds:.1f} tok/s" if self.seconds else ""
-        if self.drafted:
-            stats += f"  accept {self.accepted / self.drafted:.2f}"
-        self.bar.update(self.prompts_task, advance=1, stats=stats)
+    def generation_done(self, cell, row: dict) -> None:
+        tokens, seconds, drafted, accepted = self.totals.get(cell, (0, 0.0, 0, 0))
+        self.totals[cell] = (tokens + row["new_tokens"], seconds + row["time_s"], drafted + row["drafted"],
+                             accepted + row["accepted"])
+        tokens, seconds, drafted, accepted = self.totals[cell]
+        self.done += 1
+        stats = f"{escape(short_label(cell))}: {tokens / seconds:.1f} tok/s" if seconds else ""
+        if drafted:
+            stats += f", accept {accepted / drafted:.2f}"
+        if self.live:
+            self.bar.update(self.task, advance=1, stats=stats)
+        elif time.perf_counter() - self.last_line > 20:
+            self._line(f"{self.done}/{self.total} generations ({stats})")
+
+    def round_done(self, index: int, rounds: int) -> None:
+        if not self.live:
+            self._line(f"round {index + 1}/{rounds} done: {self.done}/{self.total} generations")
 
     def cell_done(self, cell, status: str) -> None:
-        if status != "done":
-            self.bar.console.print(f"  {cell.label()}: {status}", highlight=False)
-        self.bar.update(self.cells_task, advance=1)
+        if status != "done" or not self.live:
+            self.note(f"  {cell.label()}: {status}")
 
     def note(self, text: str) -> None:
-        self.bar.console.print(text, highlight=False)
+        (self.bar.console if self.live else console).print(escape(text))
+
+    def _line(self, text: str) -> None:
+        self.last_line = time.perf_counter()
+        console.print(escape(f"[{time.perf_counter() - self.began:6.0f} s] {text}"))
+
+
+# --------------------------------------------------------------------------- printing a run
+
+
+def short_label(cell) -> str:
+    """A cell's name in a few characters, for narrow terminals: `self E=8 K=4`, `2-model K=4 hf`."""
+    parts = [cell.method.short]
+    if cell.exit_layer is not None:
+        parts.append(f"E={cell.exit_layer}")
+    if cell.num_speculations is not None:
+        parts.append(f"K={cell.num_speculations}")
+    if cell.backend != "native":
+        parts.append(cell.backend)
+    if cell.replica:
+        parts.append(f"#{cell.replica + 1}")
+    return " ".join(parts)
 
 
 def print_summary(store) -> None:
-    """The run's cells in the order they were asked for, with the cost model's FLOPs per token."""
-    from skipbench.report import load_summary
+    """The run's cells in the order asked for; fits an 80-column terminal. Failed cells and warnings after."""
+    from skipbench.spec import Cell
+    from skipbench.summary import load_summary
+    from skipbench.tables import number, with_interval
 
-    summary, _ = load_summary(store.root)
-    table = Table(title=f"skipbench: {store.root}")
-    for name in ("cell", "tok/s", "ms/tok", "accept", "tok/step", "speedup", "lossless", "GFLOP/tok"):
-        table.add_column(name, justify="left" if name == "cell" else "right")
-    for row in summary.itertuples():
-        table.add_row(row.cell_label, f"{row.tokens_per_s:.1f}", f"{row.time_per_token_s * 1e3:.2f}",
-                      _fmt(row.acceptance_rate), f"{row.tokens_per_step:.2f}", _fmt(row.speedup, "{:.2f}x"),
-                      _fmt(row.lossless, "{:.0%}"), _fmt(row.flops_per_token / 1e9, "{:.3g}"))
+    summary, manifest = load_summary(store.root)
+    target = (manifest.get("models") or {}).get("target") or {}
+    title = f"{target.get('name')}{' (SYNTHETIC weights)' if target.get('synthetic') else ''}: {store.root}"
+    table = Table(title=escape(title), title_justify="left", pad_edge=False)
+    for name in ("cell", "tok/s", "speedup [95% CI]", "accept", "tok/step", "lossless"):
+        table.add_column(name, justify="left" if name == "cell" else "right", no_wrap=True)
+    drafts = sorted({row["draft_model"] for row in summary.to_dict("records") if isinstance(row["draft_model"], str)})
+    for row in summary.to_dict("records"):
+        cell = Cell.from_record(row)
+        label = short_label(cell) + (f" d{drafts.index(cell.draft_model) + 1}" if cell.draft_model else "")
+        table.add_row(escape(label), number(row["tokens_per_s"], "{:.1f}"),
+                      with_interval(row["speedup"], row["speedup_low"], row["speedup_high"]),
+                      number(row["acceptance_rate"], "{:.2f}"), number(row["tokens_per_step"], "{:.2f}"),
+                      number(row["lossless"], "{:.0%}"))
     out.print(table)
+    for index, name in enumerate(drafts):
+        out.print(escape(f"d{index + 1}: draft model {name}"))
+    for row in summary.to_dict("records"):
+        for warning in row["warnings"]:
+            out.print(f"[yellow]warning[/] {escape(row['cell_label'])}: {escape(warning)}")
     for error in store.errors():
-        out.print(f"[red]failed[/] {error['cell_label']}: {error['error']}", highlight=False)
+        out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}")
 
 
-def _fmt(value, pattern: str = "{:.3f}") -> str:
-    return "-" if value is None or value != value else pattern.format(value)
+# --------------------------------------------------------------------------- options shared by run and sweep
+# None means: the sweep file's value, else the default of skipbench.spec.Setup.
 
-
-def setup_from_options(**options) -> spec.Setup:
-    options["prompts"] = tuple(options.pop("prompt") or ())
-    options["stop_sequences"] = tuple(options.pop("stop")) if options.get("stop") else None
-    options.pop("stop", None)
-    return spec.Setup(**options)
-
-
-def default_out(model: str, what: str) -> Path:
-    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in model.split("/")[-1])[:40]
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{what}"
-
-
-# Options shared by run and sweep, declared once.
-ModelOpt = typer.Option("smollm2-135m", "--model", "-m",
-                        help="Hub id, local dir, synthetic:<preset>[?agree=E&layers=N&seed=S], or smollm2-135m.")
+ModelOpt = typer.Option(None, "--model", "-m", help="Hub id, local dir, synthetic:<preset>[?agree=E&layers=N&seed=S], "
+                        "or smollm2-135m (default).")
 PromptOpt = typer.Option(None, "--prompt", "-p", help="A prompt text (repeatable).")
-DatasetOpt = typer.Option(None, "--dataset", "-d", help="cnn_dm, humaneval, topv2 or jsonl:PATH.")
 NumSamplesOpt = typer.Option(None, "--num-samples", "-n", help="Prompts to take (seeded choice).")
-SeedOpt = typer.Option(0, "--seed", help="Seed for prompt choice and sampling.")
-NShotOpt = typer.Option(0, "--n-shot", help="Solved examples prepended (cnn_dm).")
+SeedOpt = typer.Option(None, "--seed", help="Seed for prompt choice and sampling (default 0).")
+NShotOpt = typer.Option(None, "--n-shot", help="Solved examples prepended (cnn_dm).")
 TemplateOpt = typer.Option(None, "--template", help='Wrap every prompt, e.g. "[INST] {prompt} [/INST]".')
 MaxPromptOpt = typer.Option(None, "--max-prompt-tokens", help="Longest prompt in tokens.")
-PolicyOpt = typer.Option("left", "--prompt-policy", help="Longer prompts: 'left' cuts from the left, 'refuse' fails.")
-DataDirOpt = typer.Option(None, "--data-dir", envvar="SKIPBENCH_DATA_DIR", help="Local copies of the datasets.")
+PolicyOpt = typer.Option(None, "--prompt-policy", help="Longer prompts: 'left' cuts from the left (default), "
+                         "'refuse' fails.")
+DataDirOpt = typer.Option(None, "--data-dir", envvar="SKIPBENCH_DATA_DIR",
+                          help="Local copies of the datasets: DIR/<task>/<split>.jsonl (see skipbench datasets).")
 MaxNewOpt = typer.Option(None, "--max-new-tokens", help="Tokens to generate (default: the task's; 128 for --prompt).")
 StopOpt = typer.Option(None, "--stop", help="A stop sequence (repeatable; default: the task's).")
-SampleOpt = typer.Option(False, "--sample/--greedy", help="Sample instead of greedy decoding.")
-TemperatureOpt = typer.Option(1.0, "--temperature")
-TopPOpt = typer.Option(1.0, "--top-p")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16.")
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-WarmupOpt = typer.Option(1, "--warmup", help="Uncounted generations before each cell.")
-ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's; use 1 on a busy machine).")
-ExecuteOpt = typer.Option(False, "--execute-code",
-                          help="Run HumanEval completions against their tests (pass@1), in a subprocess.")
-BackendOpt = typer.Option("native", "--backend", help="native (skipbench's engine) or hf (transformers generate).")
-ForceOpt = typer.Option(False, "--force", help="Redo cells already in the run directory.")
+SampleOpt = typer.Option(None, "--sample/--greedy", help="Sample instead of greedy decoding (default greedy).")
+TemperatureOpt = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0).")
+TopPOpt = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 1.0).")
+DtypeOpt = typer.Option(None, "--dtype", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16.")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda.")
+WarmupOpt = typer.Option(None, "--warmup", help="Uncounted generations per cell before timing (default 1).")
+RepeatsOpt = typer.Option(None, "--repeats", help="Timed rounds per cell, interleaved with the baseline (default 3).")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: half the cores).")
+ExecuteOpt = typer.Option(None, "--execute-code/--no-execute-code",
+                          help="Run HumanEval completions against their tests (pass@1) in a sandbox.")
+UncontainedOpt = typer.Option(False, "--execute-code-uncontained",
+                              help="Where no namespace sandbox is available, run model-written code with only "
+                                   "resource limits: it can read and write your files and use the network.")
+OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: derived from the setup, so rerunning the "
+                      "same command resumes).")
+ForceOpt = typer.Option(False, "--force", help="Delete the run directory's cells and start over.")
+
+
+def setup_options(**options) -> dict:
+    """Setup fields from the command line (None where not given)."""
+    prompts, stops = options.pop("prompt"), options.pop("stop")
+    options["prompts"] = tuple(prompts) if prompts else None
+    options["stop_sequences"] = tuple(stops) if stops else None
+    return options
+
+
+def measure_and_print(setup: spec.Setup, cells: list, target: Path, force: bool, report: bool):
+    from skipbench.sweep import execute
+    from skipbench.tables import write_report
+
+    console.print(escape(f"sweep: {len(cells)} cells of {setup.model} -> {target}"))
+    with RichProgress() as progress:
+        store = execute(setup, cells, target, force=force, progress=progress)
+    print_summary(store)
+    if report:
+        files = write_report(store.root)
+        out.print(escape(f"tables and plots: {store.root / 'tables'}, {store.root / 'plots'} ({len(files)} files)"))
+    out.print(escape(f"records: {store.root}"))
+    return store
+
+
+def allow_execution(setup: spec.Setup, command_line: bool | None, uncontained: bool) -> spec.Setup:
+    """Model-written code runs only when --execute-code is on the command line, and only contained."""
+    if setup.execute_code and command_line is None:
+        raise spec.SpecError("the sweep file asks to execute model-written code (execute_code = true); add "
+                             "--execute-code to confirm, or --no-execute-code")
+    if not setup.execute_code:
+        return setup
+    from skipbench.tasks import sandbox
+
+    reason = sandbox.sandbox_support()
+    if reason is not None and not uncontained:
+        raise spec.SpecError(f"cannot contain model-written code here ({reason}); --execute-code-uncontained runs "
+                             f"it with only resource limits: it can read and write your files and use the network")
+    console.print("[yellow]note[/]: executing model-written code (HumanEval tests) "
+                  + ("in a namespace sandbox" if reason is None else "UNCONTAINED, with resource limits only"))
+    return replace(setup, execute_code=True, execute_uncontained=reason is not None)
+
+
+def finish(stores: list) -> None:
+    """Exit 3 when any cell of the sweep failed (after everything else finished)."""
+    failed = [error for store in stores for error in store.errors()]
+    if failed:
+        console.print(f"[red]{len(failed)} cell(s) failed[/]; rerun the same command to retry them")
+        raise typer.Exit(EXIT_CELLS_FAILED)
+
+
+# --------------------------------------------------------------------------- commands
 
 
 @app.command()
 def run(
     strategy: str = typer.Option("self_speculative", "--strategy", "-s",
-                                 help="autoregressive, speculative or self_speculative."),
-    exit_layer: int = typer.Option(None, "--exit-layer", "-e", help="Layers 0..E-1 draft (self_speculative)."),
+                                 help=f"One of {', '.join(methods.strategies())}."),
+    exit_layer: int = typer.Option(None, "--exit-layer", "-e", help="Layers 0..E-1 draft (self_speculative; "
+                                   "default: a quarter of the layers)."),
     num_speculations: int = typer.Option(None, "--num-speculations", "-k", help="Draft tokens per step (default 4)."),
     draft_model: str = typer.Option(None, "--draft-model", help="Draft model (speculative)."),
-    backend: str = BackendOpt,
+    backend: str = typer.Option("native", "--backend", help=f"One of {', '.join(methods.backends())}."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip the autoregressive baseline."),
-    out_dir: Path = typer.Option(None, "--out", "-o", help="Run directory (default runs/<time>-<model>-run)."),
-    force: bool = ForceOpt,
-    model: str = ModelOpt, prompt: list[str] = PromptOpt, dataset: str = DatasetOpt,
+    out_dir: Path = OutOpt, force: bool = ForceOpt,
+    model: str = ModelOpt, prompt: list[str] = PromptOpt, dataset: str = typer.Option(None, "--dataset", "-d",
+                                                                                      help="cnn_dm, humaneval, "
+                                                                                      "topv2 or jsonl:PATH."),
     num_samples: int = NumSamplesOpt, seed: int = SeedOpt, n_shot: int = NShotOpt, template: str = TemplateOpt,
     max_prompt_tokens: int = MaxPromptOpt, prompt_policy: str = PolicyOpt, data_dir: str = DataDirOpt,
     max_new_tokens: int = MaxNewOpt, stop: list[str] = StopOpt, sample: bool = SampleOpt,
     temperature: float = TemperatureOpt, top_p: float = TopPOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
-    warmup: int = WarmupOpt, threads: int = ThreadsOpt, execute_code: bool = ExecuteOpt,
+    warmup: int = WarmupOpt, repeats: int = RepeatsOpt, threads: int = ThreadsOpt, execute_code: bool = ExecuteOpt,
+    execute_code_uncontained: bool = UncontainedOpt,
 ) -> None:
     """Decode a prompt set with one strategy (and the autoregressive baseline) and store the records."""
+    from skipbench.models import num_layers_of
+    from skipbench.sweep import run_dir_name
+
     with handled():
-        setup = setup_from_options(
-            model=model, prompt=prompt, dataset=dataset, num_samples=num_samples, seed=seed, n_shot=n_shot,
-            template=template, max_prompt_tokens=max_prompt_tokens, prompt_policy=prompt_policy,
-            data_dir=data_dir, max_new_tokens=max_new_tokens, stop=stop, sample=sample,
-            temperature=temperature, top_p=top_p, dtype=dtype, device=device, warmup=warmup,
-            threads=threads, execute_code=execute_code)
-        if strategy != "autoregressive" and num_speculations is None:
+        given = setup_options(model=model, prompt=prompt, dataset=dataset, num_samples=num_samples, seed=seed,
+                              n_shot=n_shot, template=template, max_prompt_tokens=max_prompt_tokens,
+                              prompt_policy=prompt_policy, data_dir=data_dir, max_new_tokens=max_new_tokens,
+                              stop=stop, sample=sample, temperature=temperature, top_p=top_p, dtype=dtype,
+                              device=device, warmup=warmup, repeats=repeats, threads=threads,
+                              execute_code=execute_code)
+        setup = spec.override(spec.Setup(), **given)
+        if setup.dataset is None and not setup.prompts:
+            setup = replace(setup, prompts=("def fibonacci(n):",))
+        setup = allow_execution(setup, execute_code, execute_code_uncontained)
+        method = methods.method_for(strategy, backend)
+        if method.speculates and num_speculations is None:
             num_speculations = 4
+        if method.drafter == "exit" and exit_layer is None:
+            layers = num_layers_of(setup.model)
+            exit_layer = max(1, layers // 4) if layers else None
         cell = spec.Cell(strategy, exit_layer, num_speculations, draft_model, backend)
-        # Speedup and losslessness need the baseline on the same prompts: greedy speculative runs add it.
-        cells = [cell]
-        if strategy != "autoregressive" and not no_baseline and not sample:
-            cells = spec.with_baseline(cells)
-        run_sweep(setup, cells, out_dir or default_out(model, "run"), force, report=False)
+        # Speedup and losslessness need the baseline on the same prompts: speculative runs add it.
+        cells = spec.with_baseline([cell]) if method.speculates and not no_baseline else [cell]
+        target = out_dir or run_dir_name(setup, cells, "run")
+        store = measure_and_print(setup, cells, target, force, report=False)
+    finish([store])
 
 
 # `skipbench sweep` with no arguments: a real sweep on the offline default model, a few minutes on 2 CPU cores.
-DEFAULT_SWEEP_SETUP = dict(model="smollm2-135m", dataset="humaneval", num_samples=4, max_new_tokens=48)
-DEFAULT_SWEEP_GRID = dict(exits="4,8,12,16,20,24", speculations="2,4")
+DEFAULT_SWEEP = spec.SweepFile(setup=dict(model="smollm2-135m", dataset="humaneval", num_samples=6,
+                                          max_new_tokens=64, stop_sequences=["\ndef ", "\nclass ", "\nif __name__"]),
+                               grid=dict(exits="8,16,24", speculations="2,4"), out=None, train=[])
 
 
 @app.command()
@@ -195,107 +325,46 @@ def sweep(
     speculations: str = typer.Option(None, "--speculations", help="Draft lengths K, same syntax (default 2,4,6)."),
     strategies: str = typer.Option(None, "--strategies", help="Comma list: self_speculative, speculative."),
     draft_model: list[str] = typer.Option(None, "--draft-model", help="A draft model: two-model rows (repeatable)."),
-    backends: str = typer.Option(None, "--backends", help="Comma list of native, hf (default native)."),
-    out_dir: Path = typer.Option(None, "--out", "-o", help="Run directory; rerunning it resumes."),
-    force: bool = ForceOpt,
+    backends: str = typer.Option(None, "--backends", help=f"Comma list of {', '.join(methods.backends())} "
+                                 f"(default native)."),
+    control: bool = typer.Option(None, "--control/--no-control", help="Add a second autoregressive cell, timed "
+                                 "like any other: an A/A control whose speedup interval should contain 1.00."),
+    out_dir: Path = OutOpt, force: bool = ForceOpt,
     report: bool = typer.Option(True, "--report/--no-report", help="Write tables and plots when done."),
-    model: str = typer.Option(None, "--model", "-m", help="As for run (default smollm2-135m)."),
-    prompt: list[str] = PromptOpt,
+    model: str = ModelOpt, prompt: list[str] = PromptOpt,
     dataset: list[str] = typer.Option(None, "--dataset", "-d", help="A task (repeatable: one run per task, "
                                       "plus a per-task speedup table)."),
-    num_samples: int = NumSamplesOpt, seed: int = typer.Option(None, "--seed"),
-    n_shot: int = typer.Option(None, "--n-shot"),
-    template: str = TemplateOpt, max_prompt_tokens: int = MaxPromptOpt,
-    prompt_policy: str = typer.Option(None, "--prompt-policy"), data_dir: str = DataDirOpt,
-    max_new_tokens: int = MaxNewOpt, stop: list[str] = StopOpt,
-    sample: bool = typer.Option(None, "--sample/--greedy"), temperature: float = typer.Option(None, "--temperature"),
-    top_p: float = typer.Option(None, "--top-p"), dtype: str = typer.Option(None, "--dtype"),
-    device: str = typer.Option(None, "--device"), warmup: int = typer.Option(None, "--warmup"),
-    threads: int = ThreadsOpt, execute_code: bool = typer.Option(None, "--execute-code/--no-execute-code"),
+    num_samples: int = NumSamplesOpt, seed: int = SeedOpt, n_shot: int = NShotOpt, template: str = TemplateOpt,
+    max_prompt_tokens: int = MaxPromptOpt, prompt_policy: str = PolicyOpt, data_dir: str = DataDirOpt,
+    max_new_tokens: int = MaxNewOpt, stop: list[str] = StopOpt, sample: bool = SampleOpt,
+    temperature: float = TemperatureOpt, top_p: float = TopPOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
+    warmup: int = WarmupOpt, repeats: int = RepeatsOpt, threads: int = ThreadsOpt, execute_code: bool = ExecuteOpt,
+    execute_code_uncontained: bool = UncontainedOpt,
 ) -> None:
     """Sweep exit layers, draft lengths and draft models; the autoregressive baseline is always included."""
+    from skipbench import sweep as sweeping
+
     with handled():
-        if sweep_file:
-            loaded = spec.load_sweep_file(sweep_file)
-        else:
-            loaded = spec.SweepFile(dict(DEFAULT_SWEEP_SETUP), dict(DEFAULT_SWEEP_GRID), None, [])
-        given = dict(model=model, num_samples=num_samples, seed=seed, n_shot=n_shot,
-                     template=template, max_prompt_tokens=max_prompt_tokens, prompt_policy=prompt_policy,
-                     data_dir=data_dir, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-                     top_p=top_p, dtype=dtype, device=device, warmup=warmup, threads=threads,
-                     execute_code=execute_code,
-                     prompts=tuple(prompt) if prompt else None, stop_sequences=tuple(stop) if stop else None)
-        # A file's `dataset` may list several tasks; --dataset (repeatable) or --prompt replaces it.
-        file_tasks = loaded.setup.pop("dataset", None)
-        tasks = list(dataset) if dataset else [] if prompt else (
-            file_tasks if isinstance(file_tasks, list) else [file_tasks] if file_tasks else [])
-        setup = spec.override(spec.Setup(**loaded.setup), **given)
-        grid_values = dict(loaded.grid)
-        for key, value in (("exits", exits), ("speculations", speculations), ("strategies", strategies),
-                           ("backends", backends)):
-            if value is not None:
-                grid_values[key] = value
-        if draft_model:
-            grid_values["draft_models"] = list(draft_model)
-        cells = spec.grid_from(grid_values).expand()
-        target = out_dir or (Path(loaded.out) if loaded.out else default_out(setup.model, "sweep"))
-        if not loaded.train:
-            sweep_tasks(setup, tasks, cells, target, force, report)
-            return
-        # A recipe comparison: train each model unless its checkpoint exists, sweep it, then overlay them.
-        runs = []
-        for entry in loaded.train:
-            options = {key: value for key, value in entry.items() if key != "label"}
-            checkpoint = Path(options["out_dir"])
-            if not (checkpoint / "config.json").is_file():
-                console.print(f"training {entry['label']} -> {checkpoint}", highlight=False)
-                run_train(train_config(**options))
-            else:
-                console.print(f"reusing {checkpoint} for {entry['label']}", highlight=False)
-            runs.append(sweep_tasks(replace(setup, model=str(checkpoint)), tasks, cells, target / entry["label"],
-                                    force, report))
-        from skipbench.plots import overlay
-
-        for index, task in enumerate(tasks or [None]):
-            name = "overlay" if len(tasks) < 2 else f"overlay_{task}"
-            files = overlay([stores[index].root for stores in runs], [entry["label"] for entry in loaded.train],
-                            target / name)
-            out.print(f"overlay: {', '.join(str(f) for f in files)}")
-
-
-def sweep_tasks(setup: spec.Setup, tasks: list[str], cells: list[spec.Cell], target: Path, force: bool,
-                report: bool) -> list:
-    """One run per task (in TARGET/<task> when there are several), then the per-task speedup table."""
-    if len(tasks) < 2:
-        return [run_sweep(replace(setup, dataset=tasks[0] if tasks else setup.dataset), cells, target, force,
-                          report)]
-    stores = [run_sweep(replace(setup, dataset=task), cells, target / task_dir(task), force, report)
-              for task in tasks]
-    from skipbench.report import write_task_report
-
-    files = write_task_report(target, {task: store.root for task, store in zip(tasks, stores, strict=True)})
-    out.print(f"per-task table: {files[0]}")
-    return stores
-
-
-def task_dir(task: str) -> str:
-    """A directory name for a task (jsonl:PATH becomes jsonl-<file stem>)."""
-    return f"jsonl-{Path(task[6:]).stem}" if task.startswith("jsonl:") else task
-
-
-def run_sweep(setup: spec.Setup, cells: list[spec.Cell], target: Path, force: bool, report: bool):
-    from skipbench.report import write_report
-    from skipbench.sweep import execute
-
-    console.print(f"sweep: {len(cells)} cells on {setup.model} -> {target}", highlight=False)
-    with RichProgress() as progress:
-        store = execute(setup, cells, target, force=force, progress=progress)
-    print_summary(store)
-    if report:
-        files = write_report(store.root)
-        out.print(f"tables and plots: {store.root / 'tables'}, {store.root / 'plots'} ({len(files)} files)")
-    out.print(f"records: {store.root}")
-    return store
+        given = setup_options(model=model, prompt=prompt, dataset=list(dataset) if dataset else None,
+                              num_samples=num_samples, seed=seed, n_shot=n_shot, template=template,
+                              max_prompt_tokens=max_prompt_tokens, prompt_policy=prompt_policy, data_dir=data_dir,
+                              max_new_tokens=max_new_tokens, stop=stop, sample=sample, temperature=temperature,
+                              top_p=top_p, dtype=dtype, device=device, warmup=warmup, repeats=repeats,
+                              threads=threads, execute_code=execute_code)
+        grid = dict(exits=exits, speculations=speculations, strategies=strategies, backends=backends,
+                    draft_models=list(draft_model) if draft_model else None, control=control)
+        default = replace(DEFAULT_SWEEP, setup=dict(DEFAULT_SWEEP.setup), grid=dict(DEFAULT_SWEEP.grid))
+        plan = sweeping.plan(sweep_file, given, grid, out_dir, default)
+        plan.setup = allow_execution(plan.setup, execute_code, execute_code_uncontained)
+        began = time.perf_counter()
+        outcome = sweeping.run(plan, force=force,
+                               measure=lambda s, c, t, f: measure_and_print(s, c, t, f, report),
+                               train=lambda options: run_train(train_config(**options)),
+                               note=lambda text: console.print(escape(text)))
+        for file in outcome.files:
+            out.print(escape(f"wrote {file}"))
+        console.print(escape(f"sweep done in {sweeping.elapsed(began)}"))
+    finish(outcome.stores)
 
 
 @app.command()
@@ -307,22 +376,30 @@ def datasets(data_dir: str = DataDirOpt) -> None:
     for name in ("task", "source", "available", "where / how"):
         table.add_column(name)
     for task in available_tasks(data_dir):
-        table.add_row(task["name"], task["source"], "yes" if task["available"] else "no",
-                      task["where"] if task["available"] else task["how"])
+        table.add_row(escape(task["name"]), escape(task["source"]), "yes" if task["available"] else "no",
+                      escape(task["where"] if task["available"] else task["how"]))
     out.print(table)
 
 
 @app.command()
-def roofline(device: str = DeviceOpt, dtype: str = DtypeOpt) -> None:
+def roofline(device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+             dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16, float16."),
+             threads: int = ThreadsOpt) -> None:
     """Measure this device's copy bandwidth and matmul rate: the peaks that reports compare against."""
+    import torch
+
+    from skipbench.machine import default_threads
     from skipbench.measure import measure_roofline
     from skipbench.models import resolve_device, resolve_dtype
 
     with handled():
         torch_device = resolve_device(device)
+        if torch_device.type == "cpu":
+            torch.set_num_threads(threads or default_threads())
         peaks = measure_roofline(torch_device, resolve_dtype(dtype, torch_device))
-    out.print(f"device {torch_device}: copy bandwidth {peaks['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
-              f"{peaks['dtype']} matmul {peaks['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s")
+    threads_note = f", {torch.get_num_threads()} thread(s)" if torch_device.type == "cpu" else ""
+    out.print(f"device {torch_device}{threads_note}: copy bandwidth {peaks['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
+              f"{peaks['dtype']} matmul {peaks['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s")
     out.print(f"use: skipbench report RUN --peak-bandwidth {peaks['bandwidth_bytes_per_s']:.3g} "
               f"--peak-flops {peaks['matmul_flops_per_s']:.3g}")
 
@@ -334,22 +411,25 @@ def benchmark(
                                     help="Two-model draft ('' for none)."),
     exits: str = typer.Option("4,8,16", "--exits"), speculations: str = typer.Option("2,4,8", "--speculations"),
     prompt_tokens: int = typer.Option(512, "--prompt-tokens"), new_tokens: int = typer.Option(128, "--new-tokens"),
-    repeats: int = typer.Option(3, "--repeats"), hf: bool = typer.Option(True, "--hf/--no-hf"),
-    dtype: str = DtypeOpt, device: str = DeviceOpt,
-    out_dir: Path = typer.Option(None, "--out", "-o"),
+    prompts: int = typer.Option(3, "--prompts", help="Prompts (each timed in every round)."),
+    repeats: int = RepeatsOpt, hf: bool = typer.Option(True, "--hf/--no-hf"),
+    dtype: str = typer.Option("auto", "--dtype"), device: str = typer.Option("auto", "--device"),
+    threads: int = ThreadsOpt, out_dir: Path = typer.Option(None, "--out", "-o"),
 ) -> None:
-    """The engine benchmark (ANCHORS.md's set-up): native and transformers paths vs the measured roofline."""
+    """The engine benchmark: native and transformers paths on one model vs the measured roofline.
+
+    The default is the set-up of the reference figures in the README (Llama-3-8B shape, layers >= 8
+    zeroed, bf16 on a GPU); on a CPU pick a model that fits, e.g. --model "synthetic:smollm2-135m?agree=8"."""
     from skipbench.benchmark import benchmark_markdown, run_benchmark
 
     with handled():
-        target = out_dir or default_out(model, "benchmark")
+        target = out_dir or Path("runs") / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}"
         with RichProgress() as progress:
-            run_benchmark(model, draft_model or None, spec.parse_range(exits), spec.parse_range(speculations),
-                          target, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
-                          dtype=dtype, device=device, hf=hf, progress=progress)
-        import json
-
-        out.print(benchmark_markdown(json.loads((target / "benchmark.json").read_text())))
+            summary = run_benchmark(model, draft_model or None, spec.parse_range(exits),
+                                    spec.parse_range(speculations), target, prompt_tokens=prompt_tokens,
+                                    new_tokens=new_tokens, prompts=prompts, repeats=repeats or 3, dtype=dtype,
+                                    device=device, threads=threads, hf=hf, progress=progress)
+        out.print(escape(benchmark_markdown(summary)))
 
 
 @app.command()
@@ -366,37 +446,29 @@ def train(
     steps: int = typer.Option(None, "--steps"), minutes: float = typer.Option(None, "--minutes"),
     seq_len: int = typer.Option(256, "--seq-len"), batch_size: int = typer.Option(16, "--batch-size"),
     lr: float = typer.Option(None, "--lr"), vocab_size: int = typer.Option(8192, "--vocab-size"),
-    seed: int = SeedOpt, device: str = DeviceOpt,
+    seed: int = typer.Option(0, "--seed"), device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Train (or continue training) a Llama-family model with the LayerSkip recipe, or without it."""
     with handled():
-        config = train_config(out_dir=out_dir, base=base, preset=preset, corpus=corpus, recipe=recipe,
-                              layer_dropout_max=layer_dropout_max, early_exit_scale=early_exit_scale,
-                              curriculum=curriculum, steps=steps, minutes=minutes, seq_len=seq_len,
-                              batch_size=batch_size, lr=lr, vocab_size=vocab_size, seed=seed, device=device)
-        run_train(config)
+        run_train(train_config(out_dir=out_dir, base=base, preset=preset, corpus=corpus, recipe=recipe,
+                               layer_dropout_max=layer_dropout_max, early_exit_scale=early_exit_scale,
+                               curriculum=curriculum, steps=steps, minutes=minutes, seq_len=seq_len,
+                               batch_size=batch_size, lr=lr, vocab_size=vocab_size, seed=seed, device=device))
 
 
 def train_config(**options):
-    from skipbench.train import TrainConfig
+    from skipbench.train import config_from
 
-    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise spec.SpecError(f"unknown training option(s) {', '.join(sorted(unknown))}")
-    for key in ("out_dir", "corpus"):
-        if options.get(key) is not None:
-            options[key] = Path(options[key])
-    return TrainConfig(**options)
+    return config_from(options)
 
 
 def run_train(config) -> None:
     """Train with a progress bar, then print the agreement table."""
-    from skipbench.train import TrainError
     from skipbench.train import train as run_training
 
     bar = RichBar(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                   TimeElapsedColumn(), console=console)
-    with handled(TrainError), bar:
+    with bar:
         task = bar.add_task("train", total=config.steps, stats="")
 
         def progress(step: int, total: int | None, loss: float, tokens_per_s: float) -> None:
@@ -405,21 +477,23 @@ def run_train(config) -> None:
         result = run_training(config, progress=progress)
     table = Table(title=f"{config.recipe} recipe: held-out loss {result.held_out_loss:.3f} after {result.steps} "
                         f"steps ({result.seconds:.0f} s)")
-    table.add_column("after layer", justify="right")
-    table.add_column("top-1 agreement with the final layer", justify="right")
-    table.add_column("held-out loss", justify="right")
+    for name in ("after layer", "top-1 agreement with the final layer", "held-out loss"):
+        table.add_column(name, justify="right")
     for layer, agreement in result.agreement_by_layer.items():
         table.add_row(str(layer), f"{agreement:.3f}", f"{result.loss_by_layer[layer]:.3f}")
     out.print(table)
-    out.print(f"checkpoint: {result.out_dir} (use --model {result.out_dir})")
+    out.print(escape(f"checkpoint: {result.out_dir} (use --model {result.out_dir})"))
 
 
 def parse_fraction(text: str) -> float:
     """`5%` or `0.05` -> 0.05."""
     try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise spec.SpecError(f"cannot read {text!r} as a fraction; use 5% or 0.05") from None
+    if not 0 <= value < 1:
+        raise spec.SpecError(f"{text!r} must be a fraction in [0, 1)")
+    return value
 
 
 @app.command()
@@ -432,31 +506,32 @@ def report(
 ) -> None:
     """Tables (Markdown, LaTeX, CSV) and plots (PNG, PDF) from a run's raw records."""
     from skipbench.plots import overlay as overlay_plot
-    from skipbench.report import efficiency_markdown, write_report
     from skipbench.store import RunStore
-    from skipbench.sweep import RunError
+    from skipbench.summary import load_summary
+    from skipbench.tables import efficiency_markdown, write_report
 
     with handled():
         store = RunStore(run_dir)
         store.read_manifest()  # one clear line when this is not a run directory
         if not store.has_cells():
-            raise RunError(f"{run_dir} holds no finished cells yet: run or resume its sweep first")
+            raise UserError(f"{run_dir} holds no finished cells yet: run or resume its sweep first")
+        runs = [run_dir, *(overlay or [])]
+        names = labels.split(",") if labels else [path.name for path in runs]
+        if len(names) != len(runs):
+            raise spec.SpecError(f"--labels gives {len(names)} labels for {len(runs)} runs")
         files = write_report(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops)
         if overlay:
-            runs = [run_dir, *overlay]
-            names = labels.split(",") if labels else [path.name for path in runs]
-            if len(names) != len(runs):
-                raise spec.SpecError(f"--labels gives {len(names)} labels for {len(runs)} runs")
-            files += overlay_plot(runs, names, run_dir / "plots" / "overlay")
-        out.print(efficiency_markdown(run_dir), highlight=False)
-        out.print(f"wrote {len(files)} files under {run_dir}/tables and {run_dir}/plots")
+            files += overlay_plot([load_summary(path)[0] for path in runs], names, run_dir / "plots" / "overlay")
+        out.print(escape(efficiency_markdown(run_dir)))
+        out.print(escape(f"wrote {len(files)} files under {run_dir}/tables and {run_dir}/plots"))
 
 
 @app.command()
 def compare(
     base_dir: Path = typer.Argument(..., help="The baseline run (e.g. results/ci-smoke)."),
     new_dir: Path = typer.Argument(..., help="The run to check."),
-    max_slowdown: str = typer.Option("5%", "--max-slowdown", help="Speedup may fall this much (5% or 0.05)."),
+    max_slowdown: str = typer.Option("5%", "--max-slowdown", help="A speedup may fall this much beyond the runs' "
+                                     "intervals (5% or 0.05)."),
     max_acceptance_drop: float = typer.Option(0.02, "--max-acceptance-drop"),
     max_quality_drop: float = typer.Option(0.01, "--max-quality-drop"),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="A base cell missing in the new run is a note."),
@@ -469,34 +544,11 @@ def compare(
                                   max_acceptance_drop=max_acceptance_drop, max_quality_drop=max_quality_drop,
                                   allow_missing=allow_missing)
     out.print(format_comparison(comparison))
-    for note in comparison.notes:
-        out.print(f"note: {note}", highlight=False)
     for problem in comparison.problems:
-        out.print(f"[red]regression[/]: {problem}", highlight=False)
+        out.print(f"[red]regression[/]: {escape(problem)}")
     if not comparison.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_REGRESSION)
     out.print("[green]no regression[/]")
-
-
-class handled:
-    """Turn the user's errors into one red line and exit code 2; Ctrl-C into exit code 130."""
-
-    def __init__(self, *extra: type[Exception]):
-        self.extra = extra
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if kind is None:
-            return False
-        if issubclass(kind, KeyboardInterrupt):
-            console.print("[yellow]interrupted[/]: finished cells are kept; rerun the same command to resume")
-            raise typer.Exit(130)
-        if issubclass(kind, (*user_errors(), *self.extra)):
-            message = str(error).strip().splitlines()[0] if str(error).strip() else kind.__name__
-            fail(message)
-        return False
 
 
 def main() -> None:
@@ -504,6 +556,9 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         app()
+    except KeyboardInterrupt:  # before a command's own handler is in place (imports, parsing)
+        console.print("[yellow]interrupted[/]")
+        sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         sys.exit(1)
 

@@ -1,23 +1,41 @@
-"""Run one cell over a prompt set: warm up, time each generation, and turn it into a record row."""
+"""Measure a group of cells on one device: warm-up, then interleaved rounds, one record per generation.
+
+A group is every cell that shares one target model (and its draft models) on one device, with its
+autoregressive baseline. Timing is prompt-major and interleaved: in each round, each prompt is decoded by
+every cell of the group back to back, in an order that rotates from prompt to prompt and round to round.
+So every cell's time on a prompt pairs with the baseline's time on the same prompt in the same round, and
+drift of the machine (another job, thermal throttling) hits all cells alike. Warm-up stays outside.
+
+Each finished generation goes to the run's journal at once; rows become cell files when the session
+ends (or when the next session starts after an interruption). A cell is finished when every prompt has
+`repeats` rows. Greedy decoding must give identical tokens and counts in every repeat: a mismatch stops
+the run with an error, since it means the engine is not deterministic.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from skipbench import tasks
-from skipbench.decoding.autoregressive import Autoregressive
-from skipbench.decoding.hf import generate_hf
-from skipbench.decoding.layers import DecoderStack
-from skipbench.decoding.loop import Generation, generate, synchronize
+from skipbench.costs import PASS_FIELDS
+from skipbench.decoding.loop import synchronize
+from skipbench.decoding.record import Generation
 from skipbench.decoding.sampling import Sampler
-from skipbench.decoding.self_speculative import SelfSpeculative
-from skipbench.decoding.speculative import TwoModel
+from skipbench.errors import UserError
 from skipbench.models import LoadedModel
 from skipbench.prompts import Prompt, PromptSet
 from skipbench.spec import Cell, Setup
+from skipbench.store import RunStore
+
+COUNT_COLUMNS = ("new_tokens", "drafted", "accepted", "verify_steps", "tokens")
+
+
+class MeasurementError(UserError):
+    """The measurement itself is wrong (e.g. greedy decoding changed between repeats)."""
 
 
 def eos_ids(loaded: LoadedModel) -> list[int]:
@@ -28,56 +46,46 @@ def eos_ids(loaded: LoadedModel) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def stop_rule(prompt_set: PromptSet, tokenizer) -> Callable[[list[int]], bool] | None:
+    """Stop exactly where the completion will be cut, so a leading newline does not end a summary."""
+    stops = prompt_set.stop_sequences
+    if not stops:
+        return None
+    return lambda ids: tasks.truncate_completion(text := tokenizer.decode(ids), stops) != text
+
+
 class CellRunner:
-    """Decodes prompts with one cell's strategy; one instance per cell, the models loaded once outside."""
+    """Decodes prompts with one cell's method; one per cell, the models loaded once outside."""
 
     def __init__(self, cell: Cell, setup: Setup, target: LoadedModel, draft: LoadedModel | None,
                  prompt_set: PromptSet):
-        self.cell, self.setup, self.target, self.draft = cell, setup, target, draft
-        self.prompt_set = prompt_set
+        self.cell, self.setup, self.target, self.prompt_set = cell, setup, target, prompt_set
         self.device = target.model.device
+        self.decoder = cell.method.build(cell, target, draft)
         self.eos = eos_ids(target)
-        if cell.backend == "native":
-            stack = DecoderStack(target.model)  # refuses architectures the engine cannot drive
-            if cell.strategy == "self_speculative":
-                self.strategy = SelfSpeculative(stack, cell.exit_layer)
-            elif cell.strategy == "speculative":
-                self.strategy = TwoModel(stack, DecoderStack(draft.model))
-            else:
-                self.strategy = Autoregressive(stack)
+        self.stop = stop_rule(prompt_set, target.tokenizer)
+
+    def seed(self, prompt: Prompt) -> int:
+        return self.setup.seed * 1_000_003 + prompt.index  # one stream per prompt, the same in every repeat
 
     def sampler(self, prompt: Prompt) -> Sampler:
         generator = None
         if self.setup.sample:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(self.setup.seed * 1_000_003 + prompt.index)  # one stream per prompt
+            generator.manual_seed(self.seed(prompt))
         return Sampler(self.setup.sample, self.setup.temperature, self.setup.top_p, generator)
 
-    def stop_rule(self) -> Callable[[list[int]], bool] | None:
-        stops = self.prompt_set.stop_sequences
-        if not stops:
-            return None
-        decode = self.target.tokenizer.decode
-        # Stop exactly where the completion will be cut, so a leading newline does not end a summary.
-        return lambda ids: tasks.truncate_completion(text := decode(ids), stops) != text
-
     def generate(self, prompt: Prompt) -> Generation:
-        kwargs = dict(max_new_tokens=self.prompt_set.max_new_tokens, sampler=self.sampler(prompt),
-                      eos_ids=self.eos, device=self.device)
-        if self.cell.backend in ("hf", "hf_static"):
-            return generate_hf(self.target.model, prompt.token_ids, exit_layer=self.cell.exit_layer,
-                               draft=self.draft.model if self.draft else None,
-                               num_speculations=self.cell.num_speculations or 0,
-                               seed=self.setup.seed * 1_000_003 + prompt.index,
-                               static_cache=self.cell.backend == "hf_static", **kwargs)
-        return generate(self.strategy, prompt.token_ids, num_speculations=self.cell.num_speculations or 0,
-                        stop=self.stop_rule(), **kwargs)
+        return self.decoder.generate(prompt.token_ids, max_new_tokens=self.prompt_set.max_new_tokens,
+                                     sampler=self.sampler(prompt), eos_ids=self.eos, stop=self.stop,
+                                     seed=self.seed(prompt))
 
     def warm_up(self) -> None:
         for index in range(self.setup.warmup):
             self.generate(self.prompt_set.prompts[index % len(self.prompt_set.prompts)])
 
-    def row(self, prompt: Prompt, generation: Generation) -> dict:
+    def row(self, prompt: Prompt, generation: Generation, scored: dict | None) -> dict:
+        """The stored record of one generation; `scored`: quality already computed for this prompt."""
         text = self.target.tokenizer.decode(generation.tokens, skip_special_tokens=True)
         completion = tasks.truncate_completion(text, self.prompt_set.stop_sequences)
         row = {
@@ -94,17 +102,194 @@ class CellRunner:
             "step_context": [step.context for step in generation.steps],
             "step_drafted": [step.drafted for step in generation.steps],
             "step_accepted": [step.accepted for step in generation.steps],
+            **{f"pass_{name}": [getattr(entry, name) for entry in generation.passes] for name in PASS_FIELDS},
             "stop_reason": generation.stop_reason,
             "tokens": generation.tokens,
             "text": text,
             "completion": completion,
         }
         task = self.prompt_set.task
-        if task is not None:
+        if scored is not None:
+            row |= scored
+        elif task is not None:
             example = tasks.Example(prompt.id, prompt.text, prompt.reference, prompt.extra)
-            scores = tasks.score(task, example, completion, execute_code=self.setup.execute_code)
+            scores = tasks.score(task, example, completion, execute_code=self.setup.execute_code,
+                                 allow_uncontained=self.setup.execute_uncontained)
             row |= {f"quality_{name}": value for name, value in scores.items()}
         return row
+
+
+class Progress:
+    """What the measurement reports; the CLI draws it, tests may record it."""
+
+    def plan(self, cells: list[Cell], generations: int, rounds: int) -> None: ...
+    def warming_up(self, cell: Cell) -> None: ...
+    def generation_done(self, cell: Cell, row: dict) -> None: ...
+    def round_done(self, round_index: int, rounds: int) -> None: ...
+    def cell_done(self, cell: Cell, status: str) -> None: ...  # "done" | "skipped" | "failed: ..."
+    def note(self, text: str) -> None: ...
+
+
+@dataclass
+class GroupRows:
+    """The rows of each cell of a group: stored ones, then this session's."""
+
+    rows: dict[str, list[dict]] = field(default_factory=dict)
+
+    def count(self, key: str, prompt_index: int) -> int:
+        return sum(1 for row in self.rows.get(key, ()) if row["prompt_index"] == prompt_index)
+
+    def first(self, key: str, prompt_index: int) -> dict | None:
+        return next((row for row in self.rows.get(key, ()) if row["prompt_index"] == prompt_index), None)
+
+    def has(self, key: str, prompt_index: int, round_index: int) -> bool:
+        return any(row["prompt_index"] == prompt_index and row["round"] == round_index
+                   for row in self.rows.get(key, ()))
+
+    def add(self, key: str, row: dict) -> None:
+        self.rows.setdefault(key, []).append(row)
+
+    def last_round(self) -> int:
+        return max((int(row["round"]) for rows in self.rows.values() for row in rows), default=-1)
+
+
+def consolidate(store: RunStore, cells: dict[str, Cell], group: int = 0) -> GroupRows:
+    """Stored rows of the group's cells, with an interrupted session's journal merged into the cell files."""
+    stored = GroupRows()
+    for key, cell in cells.items():
+        frame = store.read_cell(key, cell, group)
+        if frame is not None:
+            stored.rows[key] = frame.to_dict("records")
+    journal = [row for row in store.read_journal(group) if row.get("cell_key") in cells]
+    merged = set()
+    for row in journal:
+        key = row["cell_key"]
+        if not stored.has(key, row["prompt_index"], row["round"]):
+            stored.add(key, {name: value for name, value in row.items() if name != "cell_key"})
+            merged.add(key)
+    for key in merged:
+        store.write_cell(key, cells[key], stored.rows[key], group)
+    store.drop_journal(group)
+    return stored
+
+
+def _check_repeat(cell: Cell, first: dict | None, row: dict, sampled: bool) -> None:
+    if first is None or sampled:
+        return
+    for name in COUNT_COLUMNS:
+        if list(first[name]) != list(row[name]) if name == "tokens" else int(first[name]) != int(row[name]):
+            raise MeasurementError(f"{cell.label()}: prompt {row['prompt_index']} decoded differently in round "
+                                   f"{row['round']} than before ({name} changed): greedy decoding must repeat "
+                                   f"exactly; this is a bug, please report it")
+
+
+def measure_group(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], prompt_set: PromptSet,
+                  store: RunStore, *, repeats: int, sampled: bool, progress: Progress, group: int = 0) -> GroupRows:
+    """Run the rounds the group still needs; return every row of its cells.
+
+    `cells` maps key -> cell, the autoregressive baseline(s) among them. A cell takes part in as many rounds
+    as its least-measured prompt lacks; a baseline joins every (prompt, round) that any cell measures. A
+    cell that fails is recorded with its error and leaves the schedule; a failing baseline fails the group.
+    """
+    rows = consolidate(store, cells, group)
+    prompts = prompt_set.prompts
+    baselines = [key for key, cell in cells.items() if not cell.method.speculates]
+    before = {key: {prompt.index: rows.count(key, prompt.index) for prompt in prompts} for key in cells}
+
+    def wanted(key: str, prompt: Prompt, session_round: int) -> bool:
+        return before[key][prompt.index] + session_round < repeats
+
+    needed = {key: max(repeats - min(before[key].values()), 0) for key in cells}
+    for key, cell in cells.items():
+        if needed[key] == 0 and key not in baselines:
+            progress.cell_done(cell, "skipped")
+    schedule = []  # (session round, prompt, keys in the order they run)
+    for session_round in range(max(needed.values(), default=0)):
+        for prompt in prompts:
+            keys = [key for key in cells if key not in baselines and wanted(key, prompt, session_round)]
+            if keys or any(wanted(key, prompt, session_round) for key in baselines):
+                keys = [*baselines, *keys]
+                shift = (session_round * len(prompts) + prompt.index) % len(keys)
+                schedule.append((session_round, prompt, keys[shift:] + keys[:shift]))
+    if not schedule:
+        return rows
+    active = list(dict.fromkeys(key for _, _, keys in schedule for key in keys))
+    rounds = schedule[-1][0] + 1
+    progress.plan([cells[key] for key in active], sum(len(keys) for _, _, keys in schedule), rounds)
+
+    built: dict[str, CellRunner] = {}
+    failed: dict[str, str] = {}
+
+    def attempt(key: str, action: Callable[[], object]):
+        try:
+            return action()
+        except (MeasurementError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # any failure of one method must not stop the others (recorded, retried)
+            message = f"{type(error).__name__}: {_first_line(error)}"
+            if key in baselines:
+                raise MeasurementError(f"the baseline {cells[key].label()} failed, so no cell of this group can be "
+                                       f"timed: {message}") from error
+            failed[key] = message
+            store.write_error(key, cells[key], message)
+            progress.cell_done(cells[key], f"failed: {message}")
+            _empty_cache()
+            return None
+
+    for key in active:
+        progress.warming_up(cells[key])
+        runner = attempt(key, lambda key=key: runners(cells[key]))
+        if runner is not None:
+            attempt(key, runner.warm_up)
+            if key not in failed:
+                built[key] = runner
+    first_round = rows.last_round() + 1
+    device = next(iter(built.values())).device
+    for session_round, prompt, keys in schedule:
+        for key in keys:
+            if key in failed:
+                continue
+            _reset_peak(device)
+            generation = attempt(key, lambda key=key, prompt=prompt: built[key].generate(prompt))
+            if generation is None:
+                continue
+            first = rows.first(key, prompt.index)
+            scored = {name: value for name, value in first.items() if name.startswith("quality_")} if first else None
+            row = built[key].row(prompt, generation, scored) | {
+                "group": group, "round": first_round + session_round, "repeat": rows.count(key, prompt.index),
+                "peak_mem_bytes": _peak(device)}
+            _check_repeat(cells[key], first, row, sampled)
+            store.append_journal(row | {"cell_key": key}, group)
+            rows.add(key, row)
+            progress.generation_done(cells[key], row)
+        if prompt is prompts[-1]:
+            progress.round_done(session_round, rounds)
+    for key in active:
+        if key not in failed:
+            store.write_cell(key, cells[key], rows.rows[key], group)
+            progress.cell_done(cells[key], "done")
+    store.drop_journal(group)
+    return rows
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
 def measure_roofline(device: torch.device, dtype: torch.dtype, size_mb: int = 1024, repeats: int = 10) -> dict:
@@ -131,30 +316,3 @@ def measure_roofline(device: torch.device, dtype: torch.dtype, size_mb: int = 10
     matmul_s = timed(lambda: a @ b)
     return {"bandwidth_bytes_per_s": 2 * source.numel() * 4 / copy_s,
             "matmul_flops_per_s": 2 * side**3 / matmul_s, "dtype": str(dtype).removeprefix("torch.")}
-
-
-def peak_memory_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def run_cell(cell: Cell, setup: Setup, target: LoadedModel, draft: LoadedModel | None, prompt_set: PromptSet,
-             on_prompt: Callable[[dict], None] | None = None) -> list[dict]:
-    """Warm up, then decode every prompt once; one row per prompt (peak memory is the cell's)."""
-    runner = CellRunner(cell, setup, target, draft, prompt_set)
-    runner.warm_up()
-    peak_memory_reset(runner.device)
-    rows = []
-    for prompt in prompt_set.prompts:
-        rows.append(runner.row(prompt, runner.generate(prompt)))
-        if on_prompt is not None:
-            on_prompt(rows[-1])
-    peak = peak_memory(runner.device)
-    for row in rows:
-        row["peak_mem_bytes"] = peak
-    return rows

@@ -19,8 +19,10 @@ from urllib.parse import parse_qsl
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from skipbench.errors import UserError
 
-class ModelError(Exception):
+
+class ModelError(UserError):
     """A model that cannot be found or built; the message is one line for the user."""
 
 
@@ -75,6 +77,10 @@ class LoadedModel:
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
 
 
 class ByteTokenizer:

@@ -25,6 +25,7 @@ class PromptSet:
     task: tasks.TaskData | None  # None for --prompt texts
     max_new_tokens: int
     stop_sequences: tuple[str, ...]
+    notes: list[str] = field(default_factory=list)  # what the user should know (e.g. fewer prompts than asked)
 
     def fingerprint(self) -> str:
         """Hash of the token ids actually decoded: equal hashes mean two runs measured the same prompts."""
@@ -43,26 +44,45 @@ class PromptSet:
         return info
 
 
-def build_prompts(setup: Setup, tokenizer) -> PromptSet:
-    """Load the dataset (or take the --prompt texts), apply the template and tokenise."""
+def build_prompts(setup: Setup, tokenizer, max_positions: int | None = None) -> PromptSet:
+    """Load the dataset (or take the --prompt texts), apply the template and tokenise.
+
+    A prompt that, with the tokens to generate, would not fit the model's positions is refused: past
+    `max_position_embeddings` a model's output means nothing, yet decoding would go on without a sign.
+    """
+    notes = []
     if setup.dataset is None:
         texts = [setup.template.replace("{prompt}", text) if setup.template else text for text in setup.prompts]
         examples = [tasks.Example(id=str(i), prompt=text, reference=None, extra={}) for i, text in enumerate(texts)]
         if setup.num_samples is not None:
+            if setup.num_samples > len(examples):
+                notes.append(f"note: --num-samples {setup.num_samples} but {len(examples)} prompt(s) given: "
+                             f"decoding all {len(examples)}")
             examples = examples[: setup.num_samples]
         task, max_new, stops = None, 128, ()
     else:
         task = tasks.load_task(setup.dataset, num_samples=setup.num_samples, seed=setup.seed,
                                n_shot=setup.n_shot, template=setup.template, data_dir=setup.data_dir)
         examples, max_new, stops = task.examples, task.defaults.max_new_tokens, task.defaults.stop_sequences
+        if setup.num_samples is not None and setup.num_samples > len(examples):
+            notes.append(f"note: --num-samples {setup.num_samples} but {setup.dataset} has {len(examples)} "
+                         f"examples: decoding all {len(examples)}")
+    max_new_tokens = setup.max_new_tokens or max_new
     prompts = []
     for index, example in enumerate(examples):
         ids = tasks.limit_prompt_tokens(tokenizer.encode(example.prompt), setup.max_prompt_tokens,
                                         setup.prompt_policy)
+        if not ids:
+            raise tasks.TaskError(f"prompt {example.id!r} is empty after tokenisation: nothing to decode from")
+        if max_positions is not None and len(ids) + max_new_tokens > max_positions:
+            raise tasks.TaskError(f"prompt {example.id!r} has {len(ids)} tokens: with {max_new_tokens} new tokens "
+                                  f"it passes the model's {max_positions} positions; use --max-prompt-tokens "
+                                  f"{max(max_positions - max_new_tokens, 1)} or fewer --max-new-tokens")
         prompts.append(Prompt(index, example.id, example.prompt, ids, example.reference, example.extra))
     return PromptSet(
         prompts=prompts,
         task=task,
-        max_new_tokens=setup.max_new_tokens or max_new,
+        max_new_tokens=max_new_tokens,
         stop_sequences=tuple(setup.stop_sequences) if setup.stop_sequences is not None else tuple(stops),
+        notes=notes,
     )

@@ -11,12 +11,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
-STRATEGIES = ("autoregressive", "speculative", "self_speculative")
-BACKENDS = ("native", "hf", "hf_static")  # hf_static: generate() with a static, compiled cache (AR only)
+from skipbench import methods
+from skipbench.errors import SpecError
 
-
-class SpecError(Exception):
-    """An invalid option or combination; the message is one line for the user."""
+__all__ = ["Cell", "Grid", "Setup", "SpecError", "cell_key", "parse_range"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +26,7 @@ class Cell:
     num_speculations: int | None = None
     draft_model: str | None = None
     backend: str = "native"
+    replica: int = 0  # > 0: an independent copy of the same cell, e.g. an autoregressive A/A control
 
     def label(self) -> str:
         parts = [self.strategy if self.backend == "native" else f"{self.strategy} ({self.backend})"]
@@ -37,36 +36,37 @@ class Cell:
             parts.append(f"draft={self.draft_model}")
         if self.num_speculations is not None:
             parts.append(f"K={self.num_speculations}")
+        if self.replica:
+            parts.append(f"(replica {self.replica})")
         return " ".join(parts)
+
+    @property
+    def method(self) -> methods.Method:
+        return methods.method_for(self.strategy, self.backend)
 
     def check(self, num_layers: int | None = None) -> None:
         """Refuse impossible knobs; with the model's layer count also an exit layer outside it."""
-        if self.strategy not in STRATEGIES:
-            raise SpecError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.backend not in BACKENDS:
-            raise SpecError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        if self.backend == "hf_static" and self.strategy != "autoregressive":
-            raise SpecError("backend hf_static runs autoregressive decoding only (transformers cannot speculate "
-                            "with a static cache)")
-        if self.strategy == "autoregressive":
-            if self.exit_layer is not None or self.draft_model is not None or self.num_speculations is not None:
-                raise SpecError("autoregressive decoding takes no exit layer, draft model or speculations")
-            return
-        if self.num_speculations is None or self.num_speculations < 1:
-            raise SpecError(f"{self.strategy} needs --num-speculations K >= 1 (got {self.num_speculations})")
-        if self.strategy == "speculative":
-            if not self.draft_model:
-                raise SpecError("strategy speculative needs a draft model: --draft-model NAME")
-            if self.exit_layer is not None:
-                raise SpecError("strategy speculative takes no --exit-layer (that is self_speculative)")
-        if self.strategy == "self_speculative":
-            if self.exit_layer is None:
-                raise SpecError("strategy self_speculative needs --exit-layer E")
-            if self.draft_model is not None:
-                raise SpecError("strategy self_speculative takes no --draft-model (it drafts with its own layers)")
-            top = f"{num_layers - 1}" if num_layers else "num_layers-1"
-            if self.exit_layer < 1 or (num_layers is not None and self.exit_layer >= num_layers):
-                raise SpecError(f"--exit-layer {self.exit_layer} is outside 1..{top} for this model")
+        self.method.check(self, num_layers)
+
+    def identity(self) -> tuple:
+        """What the cell is, whatever run it belongs to: how cells are matched across runs and tables."""
+        return (self.strategy, self.exit_layer, self.num_speculations, self.draft_model, self.backend, self.replica)
+
+    @classmethod
+    def from_record(cls, record) -> Cell:
+        """The cell of a stored row or manifest entry (missing values may be None or NaN)."""
+        get = record.get if hasattr(record, "get") else lambda name: getattr(record, name)
+
+        def whole(value) -> int | None:
+            return None if value is None or value != value else int(value)
+
+        draft = get("draft_model")
+        try:
+            replica = whole(get("replica")) or 0
+        except (KeyError, AttributeError):
+            replica = 0
+        return cls(str(get("strategy")), whole(get("exit_layer")), whole(get("num_speculations")),
+                   None if draft is None or draft != draft else str(draft), str(get("backend") or "native"), replica)
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,10 @@ class Setup:
     dtype: str = "auto"
     device: str = "auto"
     warmup: int = 1
-    threads: int | None = None  # CPU threads for torch; None keeps torch's default
+    repeats: int = 3  # timed rounds per cell (not part of a cell's identity: more rounds extend a run)
+    threads: int | None = None  # CPU threads for torch; None: half the cores (skipbench.machine)
     execute_code: bool = False
+    execute_uncontained: bool = False  # where no sandbox exists, run model-written code with rlimits only
     stop_sequences: tuple[str, ...] | None = None  # None: the task's default
 
     def check(self) -> None:
@@ -99,6 +101,15 @@ class Setup:
             raise SpecError("nothing to decode: give --prompt TEXT or --dataset NAME")
         if self.dataset is not None and self.prompts:
             raise SpecError("give either --prompt or --dataset, not both")
+        if any(not text.strip() for text in self.prompts):
+            raise SpecError("an empty --prompt has nothing to continue from; give some text")
+        if self.template is not None and "{prompt}" not in self.template:
+            raise SpecError(f"--template {self.template!r} has no {{prompt}} placeholder: every prompt would be "
+                            f"replaced by it")
+        if self.n_shot < 0:
+            raise SpecError(f"--n-shot must be >= 0 (got {self.n_shot})")
+        if self.n_shot and self.dataset is None:
+            raise SpecError("--n-shot needs a --dataset (cnn_dm) to draw solved examples from")
         if self.num_samples is not None and self.num_samples < 1:
             raise SpecError(f"--num-samples must be >= 1 (got {self.num_samples})")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -107,7 +118,9 @@ class Setup:
             raise SpecError(f"--threads must be >= 1 (got {self.threads})")
         if self.warmup < 0:
             raise SpecError(f"--warmup must be >= 0 (got {self.warmup})")
-        if self.sample and not self.temperature > 0:
+        if self.repeats < 1:
+            raise SpecError(f"--repeats must be >= 1 (got {self.repeats})")
+        if not self.temperature > 0:
             raise SpecError(f"--temperature must be > 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             raise SpecError(f"--top-p must be in (0, 1] (got {self.top_p})")
@@ -119,20 +132,29 @@ class Setup:
             raise SpecError(f"--device must be auto, cpu or cuda (got {self.device!r})")
 
 
+# Setup fields that change how long or how often cells are measured, not what their numbers mean.
+MEASUREMENT_ONLY = ("warmup", "repeats")
+
+
 def cell_key(setup: Setup, cell: Cell) -> str:
     """Stable id of a finished cell: a hash of everything that defines its numbers."""
-    measured = {k: v for k, v in asdict(setup).items() if k not in ("warmup",)}
-    text = json.dumps({"setup": measured, "cell": asdict(cell)}, sort_keys=True, default=list)
+    measured = {k: v for k, v in asdict(setup).items() if k not in MEASUREMENT_ONLY}
+    described = {k: v for k, v in asdict(cell).items() if k != "replica" or v}  # keys of runs before replicas
+    text = json.dumps({"setup": measured, "cell": described}, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def with_baseline(cells: list[Cell], backends: Sequence[str] | None = None) -> list[Cell]:
-    """Put the autoregressive baseline first (once per backend) so speedups share prompts and run."""
+def with_baseline(cells: list[Cell], backends: Sequence[str] | None = None, control: bool = False) -> list[Cell]:
+    """Put the autoregressive baseline first (once per backend) so speedups share prompts and rounds.
+
+    `control` adds a second, independently timed copy of each baseline: an A/A control whose speedup
+    interval must contain 1.00 on a trustworthy machine."""
     if backends is None:
-        backends = sorted({cell.backend for cell in cells}, key=BACKENDS.index)
-    baselines = [Cell("autoregressive", backend=name) for name in backends]
-    rest = [cell for cell in cells if cell not in baselines]
-    return [*baselines, *rest]
+        backends = sorted({cell.backend for cell in cells}, key=methods.backends().index)
+    baselines = [Cell(methods.baseline_strategy(), backend=name) for name in backends]
+    controls = [replace(cell, replica=1) for cell in baselines] if control else []
+    rest = [cell for cell in cells if cell not in baselines and cell not in controls]
+    return [*baselines, *controls, *rest]
 
 
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?::(\d+))?$")
@@ -171,24 +193,24 @@ class Grid:
     speculations: tuple[int, ...] = (2, 4, 6)
     draft_models: tuple[str, ...] = ()
     backends: tuple[str, ...] = ("native",)
+    control: bool = False  # add an autoregressive A/A control per backend
 
     def expand(self) -> list[Cell]:
         """Every (strategy, exit, K, draft, backend) asked for, after the autoregressive baseline(s)."""
         cells = []
         for backend in self.backends:
             for strategy in self.strategies:
-                if strategy == "self_speculative":
+                drafter = methods.method_for(strategy, backend).drafter
+                if drafter == "exit":
                     if not self.exits:
-                        raise SpecError("a self_speculative sweep needs --exits (e.g. 2..16)")
+                        raise SpecError(f"a {strategy} sweep needs --exits (e.g. 2..16)")
                     cells += [Cell(strategy, e, k, None, backend) for e in self.exits for k in self.speculations]
-                elif strategy == "speculative":
+                elif drafter == "draft_model":
                     if not self.draft_models:
-                        raise SpecError("a speculative sweep needs at least one --draft-model")
+                        raise SpecError(f"a {strategy} sweep needs at least one --draft-model")
                     cells += [Cell(strategy, None, k, d, backend) for d in self.draft_models
                               for k in self.speculations]
-                elif strategy != "autoregressive":
-                    raise SpecError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-        return with_baseline(cells, self.backends)
+        return with_baseline(cells, self.backends, self.control)
 
 
 def _as_list(value, name: str) -> list:
@@ -209,7 +231,7 @@ def _as_ints(value, name: str) -> tuple[int, ...]:
 
 def grid_from(values: dict) -> Grid:
     """A Grid from a sweep file's [sweep] table or the CLI (strings like "2..16" or lists)."""
-    known = {"strategies", "exits", "speculations", "draft_models", "backends"}
+    known = {"strategies", "exits", "speculations", "draft_models", "backends", "control"}
     unknown = set(values) - known
     if unknown:
         raise SpecError(f"unknown sweep key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -227,6 +249,10 @@ def grid_from(values: dict) -> Grid:
             changes["strategies"] = ("self_speculative", "speculative") if "exits" in values else ("speculative",)
     if "backends" in values:
         changes["backends"] = tuple(_as_list(values["backends"], "backends"))
+    if "control" in values:
+        if not isinstance(values["control"], bool):
+            raise SpecError(f"control must be true or false (got {values['control']!r})")
+        changes["control"] = values["control"]
     return replace(grid, **changes)
 
 
@@ -236,6 +262,49 @@ class SweepFile:
     grid: dict
     out: str | None
     train: list[dict]  # [[train]] tables: models to train (or reuse) and sweep one after the other
+
+
+def _kind(hint: str) -> tuple[str, bool]:
+    """(base type name, None allowed) of a Setup field's annotation, e.g. "int | None" -> ("int", True)."""
+    parts = [part.strip() for part in hint.split("|")]
+    return next(part for part in parts if part != "None"), "None" in parts
+
+
+def setup_from(values: dict, origin: str | None = None) -> Setup:
+    """A Setup from a sweep file's [setup] table (or any dict), every value checked against its field's type,
+    so that `prompts = "hello"` or `num_samples = "two"` is one clear error, not a silently odd run."""
+    where = f"sweep file {origin}: " if origin else ""
+    hints = {name: field.type for name, field in Setup.__dataclass_fields__.items()}
+    unknown = set(values) - set(hints)
+    if unknown:
+        raise SpecError(f"{where}unknown setup key(s) {', '.join(sorted(unknown))}")
+    checked = {}
+    for name, value in values.items():
+        kind, optional = _kind(hints[name])
+        if value is None and optional:
+            checked[name] = None
+        elif kind.startswith("tuple"):
+            if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+                raise SpecError(f"{where}{name} must be a list of strings, e.g. {name} = [\"...\"] "
+                                f"(got {value!r})")
+            checked[name] = tuple(value)
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise SpecError(f"{where}{name} must be true or false (got {value!r})")
+            checked[name] = value
+        elif kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SpecError(f"{where}{name} must be a whole number (got {value!r})")
+            checked[name] = value
+        elif kind == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise SpecError(f"{where}{name} must be a number (got {value!r})")
+            checked[name] = float(value)
+        else:
+            if not isinstance(value, str):
+                raise SpecError(f"{where}{name} must be a string (got {value!r})")
+            checked[name] = value
+    return Setup(**checked)
 
 
 def load_sweep_file(path: str) -> SweepFile:
@@ -258,12 +327,14 @@ def load_sweep_file(path: str) -> SweepFile:
     if unknown:
         raise SpecError(f"sweep file {path}: unknown section(s) {', '.join(sorted(unknown))}")
     setup = data.get("setup", {})
-    allowed = set(Setup.__dataclass_fields__)
-    if set(setup) - allowed:
-        raise SpecError(f"sweep file {path}: unknown setup key(s) {', '.join(sorted(set(setup) - allowed))}")
-    for key in ("prompts", "stop_sequences"):
-        if key in setup:
-            setup[key] = tuple(setup[key])
+    if not isinstance(setup, dict) or not isinstance(data.get("sweep", {}), dict):
+        raise SpecError(f"sweep file {path}: [setup] and [sweep] must be tables")
+    # Checked here so a bad value is reported before anything runs; `dataset` may list several tasks.
+    setup_from({key: value for key, value in setup.items() if key != "dataset"}, origin=path)
+    datasets = setup.get("dataset")
+    if datasets is not None and not isinstance(datasets, str) and not (
+            isinstance(datasets, list) and all(isinstance(item, str) for item in datasets)):
+        raise SpecError(f"sweep file {path}: dataset must be a task name or a list of them (got {datasets!r})")
     train = data.get("train", [])
     for entry in train:
         if not {"label", "out_dir"} <= set(entry):

@@ -1,16 +1,22 @@
-"""The results directory: a manifest with provenance, and one parquet file per finished cell.
+"""The results directory: a manifest with provenance, one parquet file per finished cell, a journal.
 
-Every file is written to a temporary name and renamed into place, so an interrupted run leaves
-either a whole cell or none; a rerun finds finished cells by their key and skips them.
+Every file is written to a temporary name and renamed into place, so an interrupted run leaves either a
+whole cell or none. While cells are measured, every finished generation is appended (and synced) to the
+run's journal first, so an interruption loses at most the generation in progress; the next sweep of the
+same run replays the journal. A lock keeps two sweeps from writing (and timing) one directory at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
+import shutil
 import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,9 +25,14 @@ import torch
 import transformers
 
 import skipbench
-from skipbench.spec import Cell, Setup
+from skipbench.errors import UserError
+from skipbench.spec import Cell
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one row per (prompt, repeat) with its round, and the passes each generation ran
+
+
+class RunLocked(UserError):
+    """Another process is writing this run directory."""
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -66,6 +77,9 @@ class RunStore:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self.cells_dir = self.root / "cells"
+        self.problems: list[str] = []  # cell files found unreadable or foreign, and what was done
+
+    # --------------------------------------------------------------- manifest
 
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
@@ -74,14 +88,49 @@ class RunStore:
         path = self.manifest_path()
         if not path.is_file():
             raise FileNotFoundError(f"{self.root} is not a skipbench run directory (no manifest.json)")
-        return json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"{path} cannot be read ({type(error).__name__}); the run directory is damaged") from None
+        version = manifest.get("schema_version", 1)
+        if version != SCHEMA_VERSION:
+            raise UserError(f"{self.root} was written by an older skipbench (records schema {version}, this one "
+                            f"reads {SCHEMA_VERSION}); rerun its sweep into a new directory")
+        return manifest
 
     def write_manifest(self, manifest: dict) -> None:
         manifest = {"schema_version": SCHEMA_VERSION, **manifest}
         write_atomic(self.manifest_path(), json.dumps(manifest, indent=2, default=str).encode())
 
-    def cell_path(self, key: str) -> Path:
-        return self.cells_dir / f"{key}.parquet"
+    # --------------------------------------------------------------- the lock
+
+    @contextmanager
+    def lock(self):
+        """Hold the run directory for this process; a second holder is told who has it (kill -9 frees it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        handle = open(path, "a+")  # noqa: SIM115 - held for the whole block
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunLocked(f"{self.root} is in use by {holder}; wait for it, or stop it first") from None
+            handle.seek(0)
+            handle.truncate()
+            command = " ".join(Path(sys.argv[0]).name if i == 0 else arg for i, arg in enumerate(sys.argv))
+            handle.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%H:%M:%S')} ({command})")
+            handle.flush()
+            yield self
+        finally:
+            handle.close()
+
+    # --------------------------------------------------------------- cells
+
+    def cell_path(self, key: str, group: int = 0) -> Path:
+        """A cell's rows; a baseline measured in several groups (one per worker) has a file per group."""
+        return self.cells_dir / (f"{key}.parquet" if group == 0 else f"{key}-g{group}.parquet")
 
     def error_path(self, key: str) -> Path:
         return self.cells_dir / f"{key}.error.json"
@@ -92,13 +141,40 @@ class RunStore:
     def has_cells(self) -> bool:
         return any(self.cells_dir.glob("*.parquet"))
 
-    def write_cell(self, key: str, cell: Cell, rows: list[dict]) -> None:
-        frame = pd.DataFrame(rows)
+    def read_cell(self, key: str, cell: Cell | None = None, group: int = 0) -> pd.DataFrame | None:
+        """The rows of a stored cell, or None when absent; a file that is unreadable, empty, or holds another
+        cell is moved aside to cells/corrupt/ (noted in `problems`) and counts as absent."""
+        path = self.cell_path(key, group)
+        if not path.is_file():
+            return None
+        reason = None
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as error:  # pyarrow raises many types for a damaged file
+            reason = f"unreadable ({type(error).__name__})"
+        else:
+            if frame.empty or "cell_key" not in frame or set(frame["cell_key"]) != {key}:
+                reason = "holds another cell" if len(frame) and "cell_key" in frame else "holds no rows"
+            elif "group" not in frame or set(frame["group"]) != {group}:
+                reason = "holds another group's rows"
+            elif cell is not None and Cell.from_record(frame.iloc[0]) != cell:
+                reason = "holds another cell"
+        if reason is None:
+            return frame
+        aside = self.cells_dir / "corrupt" / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, aside)
+        self.problems.append(f"cell file {path.name} {reason}: moved to {aside.relative_to(self.root)}")
+        return None
+
+    def write_cell(self, key: str, cell: Cell, rows: list[dict] | pd.DataFrame, group: int = 0) -> None:
+        frame = pd.DataFrame(rows).copy()
         for name, value in asdict(cell).items():
             frame[name] = value
         frame["cell_key"] = key
         frame["cell_label"] = cell.label()
-        write_atomic(self.cell_path(key), frame.to_parquet(index=False))
+        frame["group"] = group
+        write_atomic(self.cell_path(key, group), frame.to_parquet(index=False))
         self.error_path(key).unlink(missing_ok=True)
 
     def write_error(self, key: str, cell: Cell, error: str) -> None:
@@ -106,22 +182,73 @@ class RunStore:
         write_atomic(self.error_path(key), json.dumps(record, indent=2).encode())
 
     def errors(self) -> list[dict]:
-        return [json.loads(path.read_text()) for path in sorted(self.cells_dir.glob("*.error.json"))]
+        found = []
+        for path in sorted(self.cells_dir.glob("*.error.json")):
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                self.problems.append(f"error record {path.name} is unreadable")
+        return found
 
     def read_cells(self) -> pd.DataFrame:
-        """All finished cells' rows, one per prompt."""
-        files = sorted(self.cells_dir.glob("*.parquet"))
-        if not files:
-            return pd.DataFrame()
-        return pd.concat([pd.read_parquet(file) for file in files], ignore_index=True)
+        """All finished cells' rows, one per (prompt, repeat); damaged files are set aside and noted."""
+        frames = []
+        for path in sorted(self.cells_dir.glob("*.parquet")):
+            key, _, group = path.stem.partition("-g")
+            frame = self.read_cell(key, group=int(group) if group.isdigit() else 0)
+            if frame is not None:
+                frames.append(frame)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def clear(self) -> None:
+        """Forget every cell, error, journal and the manifest: a clean restart (what --force asks for)."""
+        shutil.rmtree(self.cells_dir, ignore_errors=True)
+        self.manifest_path().unlink(missing_ok=True)
+
+    # --------------------------------------------------------------- the journal
+
+    def journal_path(self, group: int = 0) -> Path:
+        return self.cells_dir / f"journal-g{group}.jsonl"
+
+    def append_journal(self, row: dict, group: int = 0) -> None:
+        """One finished generation, on disk before the next one starts."""
+        path = self.journal_path(group)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, default=_plain) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_journal(self, group: int = 0) -> list[dict]:
+        """The journal's rows; a line torn by a kill mid-write is dropped."""
+        path = self.journal_path(group)
+        if not path.is_file():
+            return []
+        rows = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+    def drop_journal(self, group: int = 0) -> None:
+        self.journal_path(group).unlink(missing_ok=True)
 
 
-def manifest_for(setup: Setup, cells: list[Cell], models: dict, prompts: dict, device: torch.device,
-                 dtype: torch.dtype) -> dict:
+def _plain(value):
+    """JSON for numpy scalars and arrays."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def manifest_for(setup, cells: list[Cell], models: dict, prompts: dict, device: torch.device, dtype: torch.dtype,
+                 machine: dict | None = None) -> dict:
     return {
         "setup": asdict(setup),
         "cells": [asdict(cell) for cell in cells],
         "models": models,
         "prompts": prompts,
-        "provenance": provenance(device, dtype),
+        "provenance": provenance(device, dtype) | ({"machine": machine} if machine else {}),
     }

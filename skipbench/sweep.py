@@ -1,26 +1,35 @@
-"""Run a list of cells on one setup: models loaded once, prompts built once, each cell stored as it ends.
+"""Run sweeps: a setup and its cells into a run directory, several tasks, trained models, resume.
 
-A rerun of the same run directory skips the cells already stored (resume); `force` redoes them. A cell
-that fails is recorded with its error and the rest go on; Ctrl-C loses at most the cell in progress.
+`execute` measures one setup's cells: every knob is checked before a model loads, the models are loaded
+once, the prompts built once, and the cells measured as one group (see `measure`). Rerunning the same
+run directory resumes it: finished cells are skipped and an interrupted session's journal is kept.
+A directory holds one setup: other settings are refused, and `force` deletes its cells and starts over.
+
+`plan` and `run` turn a sweep file plus overrides into runs: one per task, optionally after training
+the models a file names, with the per-task table and the overlay of trained models at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from skipbench.decoding.layers import EngineError
-from skipbench.measure import run_cell
-from skipbench.models import LoadedModel, ModelError, check_vocab_match, load_model, num_layers_of
+from skipbench import machine, spec
+from skipbench.errors import UserError
+from skipbench.measure import CellRunner, Progress, measure_group
+from skipbench.models import LoadedModel, check_vocab_match, load_model, num_layers_of
 from skipbench.prompts import build_prompts
 from skipbench.spec import Cell, Setup, SpecError, cell_key
 from skipbench.store import RunStore, manifest_for
 
 
-class RunError(Exception):
+class RunError(UserError):
     """The run as a whole cannot go on; one line for the user."""
 
 
@@ -41,67 +50,163 @@ def model_info(loaded: LoadedModel) -> dict:
             "num_params": loaded.num_params, "config": config.to_dict()}
 
 
-class Progress:
-    """What the executor reports; the CLI draws it with rich, tests may record it."""
+def _jsonable(value):
+    """What a value looks like after a JSON round trip (tuples become lists), to compare manifests."""
+    return json.loads(json.dumps(value, default=str))
 
-    def plan(self, cells: int, prompts: int) -> None: ...
-    def cell_started(self, cell: Cell, prompts: int) -> None: ...
-    def prompt_done(self, row: dict) -> None: ...
-    def cell_done(self, cell: Cell, status: str) -> None: ...  # "done" | "skipped" | "failed: ..."
-    def note(self, text: str) -> None: ...
+
+def _differences(previous: dict, setup: Setup) -> list[str]:
+    now = _jsonable(asdict(setup))
+    return sorted(name for name in set(previous) | set(now)
+                  if name not in spec.MEASUREMENT_ONLY and previous.get(name) != now.get(name))
 
 
 def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool = False,
-            progress: Progress | None = None,
-            loader: Callable[..., LoadedModel] = load_model) -> RunStore:
+            progress: Progress | None = None, loader: Callable[..., LoadedModel] = load_model) -> RunStore:
+    """Measure `cells` on `setup` into `out_dir`; return its store (its `problems` and errors say what failed)."""
     progress = progress or Progress()
     check_plan(setup, cells)
     store = RunStore(out_dir)
-    if store.manifest_path().is_file() and not force:
-        previous = store.read_manifest().get("setup")
-        if previous is not None and previous != _jsonable(asdict(setup)):
-            raise RunError(f"{out_dir} holds a run with other settings; choose another --out, or --force")
+    with store.lock():
+        if store.manifest_path().is_file():
+            previous = json.loads(store.manifest_path().read_text()).get("setup") or {}
+            changed = _differences(previous, setup)
+            if changed and not force:
+                raise RunError(f"{out_dir} holds a run with other settings ({', '.join(changed)} differ); choose "
+                               f"another --out, or --force to delete its cells and start over")
+        if force:
+            store.clear()
+        threads = setup.threads or machine.default_threads()
+        if setup.device != "cuda" and not setup.device.startswith("cuda:"):
+            torch.set_num_threads(threads)
+        before = machine.state(threads)
+        if (warning := machine.busy_warning(before, when="before")) is not None:
+            progress.note(f"warning: {warning}")
+        target = loader(setup.model, dtype=setup.dtype, device=setup.device)
+        drafts: dict[str, LoadedModel] = {}
+        for name in sorted({cell.draft_model for cell in cells if cell.draft_model}):
+            drafts[name] = loader(name, dtype=setup.dtype, device=setup.device)
+            check_vocab_match(target, drafts[name])
+        prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions)
+        for note in prompt_set.notes:
+            progress.note(note)
+        manifest = manifest_for(
+            setup, cells,
+            models={"target": model_info(target), "drafts": {name: model_info(d) for name, d in drafts.items()}},
+            prompts=prompt_set.describe(), device=target.model.device, dtype=target.model.dtype,
+            machine={"before": before})
+        store.write_manifest(manifest)
 
-    if setup.threads is not None:
-        torch.set_num_threads(setup.threads)
-    target = loader(setup.model, dtype=setup.dtype, device=setup.device)
-    drafts: dict[str, LoadedModel] = {}
-    for name in sorted({cell.draft_model for cell in cells if cell.draft_model}):
-        drafts[name] = loader(name, dtype=setup.dtype, device=setup.device)
-        check_vocab_match(target, drafts[name])
-    prompt_set = build_prompts(setup, target.tokenizer)
-    if not prompt_set.prompts:
-        raise RunError("the prompt set is empty")
-
-    store.write_manifest(manifest_for(
-        setup, cells,
-        models={"target": model_info(target), "drafts": {name: model_info(d) for name, d in drafts.items()}},
-        prompts=prompt_set.describe(), device=target.model.device, dtype=target.model.dtype))
-
-    progress.plan(len(cells), len(prompt_set.prompts))
-    for cell in cells:
-        key = cell_key(setup, cell)
-        if store.has_cell(key) and not force:
-            progress.cell_done(cell, "skipped")
-            continue
-        progress.cell_started(cell, len(prompt_set.prompts))
-        try:
-            rows = run_cell(cell, setup, target, drafts.get(cell.draft_model), prompt_set,
-                            on_prompt=progress.prompt_done)
-        except (EngineError, ModelError, SpecError, torch.OutOfMemoryError, RuntimeError, ValueError) as error:
-            message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-            store.write_error(key, cell, message)
-            progress.cell_done(cell, f"failed: {message}")
-            if target.model.device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        store.write_cell(key, cell, rows)
-        progress.cell_done(cell, "done")
+        keyed = {cell_key(setup, cell): cell for cell in cells}
+        measure_group(keyed, lambda cell: CellRunner(cell, setup, target, drafts.get(cell.draft_model), prompt_set),
+                      prompt_set, store, repeats=setup.repeats, sampled=setup.sample, progress=progress)
+        after = machine.state(threads)
+        store.write_manifest({**manifest, "provenance": {**manifest["provenance"],
+                                                         "machine": {"before": before, "after": after}}})
+        if (warning := machine.busy_warning(after, when="after")) is not None:
+            progress.note(f"warning: {warning}")
+        for problem in store.problems:
+            progress.note(f"note: {problem}")
     return store
 
 
-def _jsonable(value):
-    """What a value looks like after a JSON round trip (tuples become lists), to compare manifests."""
-    import json
+# --------------------------------------------------------------------------- sweeps of files, tasks, models
 
-    return json.loads(json.dumps(value, default=str))
+
+@dataclass
+class Plan:
+    """What a `skipbench sweep` does: a setup, its cells, the tasks, where, and models to train first."""
+
+    setup: Setup
+    cells: list[Cell]
+    tasks: list[str]
+    out: Path
+    train: list[dict] = field(default_factory=list)
+
+
+def run_dir_name(setup: Setup, cells: list[Cell], what: str) -> Path:
+    """A run directory derived from what is measured, so rerunning the same command finds it (resume)."""
+    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in setup.model.split("/")[-1])[:40].strip("-")
+    material = json.dumps({"setup": {k: v for k, v in asdict(setup).items() if k not in spec.MEASUREMENT_ONLY},
+                           "cells": [asdict(cell) for cell in cells]}, sort_keys=True, default=list)
+    return Path("runs") / f"{slug}-{what}-{hashlib.sha256(material.encode()).hexdigest()[:8]}"
+
+
+def plan(sweep_file: str | None, setup_options: dict, grid_options: dict, out: Path | None,
+         default_file: spec.SweepFile) -> Plan:
+    """A sweep file (or the default sweep) with the command line's options laid over it."""
+    loaded = spec.load_sweep_file(sweep_file) if sweep_file else default_file
+    given = {key: value for key, value in setup_options.items() if value is not None}
+    # A file's `dataset` may list several tasks; --dataset (repeatable) or --prompt replaces it.
+    file_tasks = loaded.setup.pop("dataset", None)
+    datasets = given.pop("dataset", None)
+    if datasets:
+        tasks = list(datasets)
+    elif given.get("prompts"):
+        tasks = []
+    else:
+        tasks = file_tasks if isinstance(file_tasks, list) else [file_tasks] if file_tasks else []
+    setup = spec.override(spec.setup_from(loaded.setup, origin=sweep_file), **given)
+    grid_values = dict(loaded.grid) | {key: value for key, value in grid_options.items() if value is not None}
+    cells = spec.grid_from(grid_values).expand()
+    target = out or (Path(loaded.out) if loaded.out else run_dir_name(setup, cells, "sweep"))
+    return Plan(setup, cells, tasks, Path(target), loaded.train)
+
+
+def task_dir(task: str) -> str:
+    """A directory name for a task (jsonl:PATH becomes jsonl-<file stem>)."""
+    return f"jsonl-{Path(task[6:]).stem}" if task.startswith("jsonl:") else task
+
+
+@dataclass
+class Outcome:
+    """What a sweep produced: the runs (one per task and trained model) and extra files written."""
+
+    stores: list[RunStore] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def run_tasks(setup: Setup, tasks: list[str], cells: list[Cell], target: Path, *, force: bool,
+              measure: Callable[[Setup, list[Cell], Path, bool], RunStore]) -> Outcome:
+    """One run per task (in TARGET/<task> when there are several), then the per-task speedup table."""
+    if len(tasks) < 2:
+        chosen = replace(setup, dataset=tasks[0]) if tasks else setup
+        return Outcome([measure(chosen, cells, target, force)])
+    stores = [measure(replace(setup, dataset=task), cells, target / task_dir(task), force) for task in tasks]
+    from skipbench.tables import write_task_table
+
+    files = write_task_table(target, {task: store.root for task, store in zip(tasks, stores, strict=True)})
+    return Outcome(stores, files)
+
+
+def run(sweep: Plan, *, force: bool, measure: Callable[[Setup, list[Cell], Path, bool], RunStore],
+        train: Callable[[dict], None], note: Callable[[str], None]) -> Outcome:
+    """The whole sweep. With [[train]] entries: train each model (unless its checkpoint exists), sweep it,
+    and overlay the runs. `measure` runs one setup (the CLI's adds progress and a report), `train` one model."""
+    if not sweep.train:
+        return run_tasks(sweep.setup, sweep.tasks, sweep.cells, sweep.out, force=force, measure=measure)
+    runs: list[Outcome] = []
+    for entry in sweep.train:
+        checkpoint = Path(entry["out_dir"])
+        if (checkpoint / "config.json").is_file():
+            note(f"reusing {checkpoint} for {entry['label']}")
+        else:
+            note(f"training {entry['label']} -> {checkpoint}")
+            train({key: value for key, value in entry.items() if key != "label"})
+        runs.append(run_tasks(replace(sweep.setup, model=str(checkpoint)), sweep.tasks, sweep.cells,
+                              sweep.out / entry["label"], force=force, measure=measure))
+    from skipbench.plots import overlay
+    from skipbench.summary import load_summary
+
+    outcome = Outcome([store for result in runs for store in result.stores])
+    labels = [entry["label"] for entry in sweep.train]
+    for index, task in enumerate(sweep.tasks or [None]):
+        name = "overlay" if len(sweep.tasks) < 2 else f"overlay_{task_dir(task)}"
+        summaries = [load_summary(result.stores[index].root)[0] for result in runs]
+        outcome.files += overlay(summaries, labels, sweep.out / name)
+    return outcome
+
+
+def elapsed(began: float) -> str:
+    seconds = time.perf_counter() - began
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"

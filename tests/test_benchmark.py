@@ -3,6 +3,7 @@ import json
 from skipbench.benchmark import filler_prompt, run_benchmark
 from skipbench.models import ByteTokenizer
 from skipbench.store import RunStore
+from skipbench.summary import load_summary
 
 
 def test_filler_prompt_is_long_enough_to_cut_to_the_asked_length():
@@ -10,8 +11,9 @@ def test_filler_prompt_is_long_enough_to_cut_to_the_asked_length():
 
 
 def test_benchmark_covers_every_path_and_writes_its_table(tmp_path):
-    rows = run_benchmark("synthetic:tiny?agree=2", "synthetic:tiny?agree=2&layers=2", [1, 2], [2], tmp_path,
-                         prompt_tokens=24, new_tokens=10, repeats=2, device="cpu")
+    result = run_benchmark("synthetic:tiny?agree=2", "synthetic:tiny?agree=2&layers=2", [1, 2], [2], tmp_path,
+                           prompt_tokens=24, new_tokens=10, prompts=2, repeats=2, device="cpu", threads=1)
+    rows = result["rows"]
     labels = [row["decoding"] for row in rows]
     assert labels == ["autoregressive", "self_speculative E=1 K=2", "self_speculative E=2 K=2",
                       "speculative draft=synthetic:tiny?agree=2&layers=2 K=4", "autoregressive (hf)",
@@ -25,3 +27,9 @@ def test_benchmark_covers_every_path_and_writes_its_table(tmp_path):
     exact = frame[frame["cell_label"].isin(["self_speculative E=2 K=2", "self_speculative (hf) E=2 K=4"])]
     assert (exact["accepted"] == exact["drafted"]).all()  # agree=2: exit 2 is the final layer in disguise
     assert (frame.groupby("cell_label")["prompt_tokens"].max() == 24).all()
+    # One speedup definition: the benchmark's native rows are the summary's speedups (same baseline).
+    summary_frame, _ = load_summary(tmp_path)
+    native = summary_frame[summary_frame["backend"] == "native"].set_index("cell_label")["speedup"]
+    for row in rows:
+        if row["decoding"] in native:
+            assert row["speedup_vs_native_ar"] == native[row["decoding"]]

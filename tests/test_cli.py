@@ -18,28 +18,63 @@ def invoke(*args):
 
 def test_run_writes_records_with_the_baseline(tmp_path):
     result = invoke("run", "--model", TINY, "--strategy", "self_speculative", "-e", 2, "-k", 3, "-p", "hello",
-                    "-p", "world", "--max-new-tokens", 12, "--warmup", 0, "--threads", 1, "--out", tmp_path)
+                    "-p", "world", "--max-new-tokens", 12, "--warmup", 0, "--threads", 1, "--repeats", 2,
+                    "--out", tmp_path)
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [c["strategy"] for c in manifest["cells"]] == ["autoregressive", "self_speculative"]
     assert manifest["models"]["target"]["synthetic"] is True
     assert manifest["provenance"]["cpu_threads"] == 1
+    assert manifest["provenance"]["machine"]["after"]["cpu_count"] >= 1
     frame = pd.concat(pd.read_parquet(p) for p in (tmp_path / "cells").glob("*.parquet"))
-    assert len(frame) == 4 and set(frame["prompt_index"]) == {0, 1}
-    cut = frame["stop_reason"] == "eos"
+    assert len(frame) == 8 and set(frame["prompt_index"]) == {0, 1} and set(frame["round"]) == {0, 1}
+    ended = frame["stop_reason"] != "length"
     assert (frame["new_tokens"] <= 12).all()
-    # Without an EOS cut, every output token is a kept draft or a verifier's own token.
-    assert (frame[~cut]["new_tokens"] == frame[~cut]["accepted"] + frame[~cut]["verify_steps"]).all()
-    assert "speedup" in result.output or "1.00x" in result.output
+    # Without an EOS or stop, every output token is a kept draft or a verifier's own token.
+    assert (frame[~ended]["new_tokens"] == frame[~ended]["accepted"] + frame[~ended]["verify_steps"]).all()
+    assert "self E=2 K=3" in result.output and "(SYNTHETIC weights)" in result.output
+    # Piped output (not a terminal): plain progress lines instead of bars.
+    assert "round 2/2 done" in result.output
 
 
-def test_rerun_skips_finished_cells(tmp_path):
-    args = ("run", "--model", TINY, "-e", 1, "-k", 2, "-p", "hi", "--max-new-tokens", 5, "--warmup", 0, "--out",
-            tmp_path)
-    assert invoke(*args).exit_code == 0
-    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.parquet")}
-    assert invoke(*args).exit_code == 0
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.parquet")} == files
+def test_the_defaults_run_and_rerunning_the_same_command_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ("run", "--model", TINY, "-p", "hi", "--max-new-tokens", 5, "--warmup", 0, "--repeats", 1)
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and "self E=1 K=4" in first.output  # a quarter of the 4 layers, K=4
+    files = {p: p.stat().st_mtime_ns for p in (runs[0] / "cells").glob("*.parquet")}
+    again = invoke(*args)
+    assert again.exit_code == 0 and "measuring" not in again.output
+    assert list((tmp_path / "runs").iterdir()) == runs
+    assert {p: p.stat().st_mtime_ns for p in (runs[0] / "cells").glob("*.parquet")} == files
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["sweep"], ["report"], ["compare"], ["datasets"], ["roofline"],
+                                     ["benchmark"], ["train"]])
+def test_every_command_has_help(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and "Traceback" not in result.output
+
+
+def test_a_sweep_with_a_failed_cell_finishes_the_others_and_exits_3(tmp_path, monkeypatch):
+    import skipbench.measure as measure_module
+
+    real = measure_module.CellRunner.generate
+
+    def generate(self, prompt):
+        if self.cell.exit_layer == 2:
+            raise RuntimeError("boom")
+        return real(self, prompt)
+
+    monkeypatch.setattr(measure_module.CellRunner, "generate", generate)
+    result = invoke("sweep", "--model", TINY, "--exits", "1..3", "--speculations", "2", "-p", "abc",
+                    "--max-new-tokens", 6, "--warmup", 0, "--repeats", 1, "--out", tmp_path, "--no-report")
+    assert result.exit_code == 3, result.output
+    assert "failed self_speculative E=2 K=2: RuntimeError: boom" in result.output
+    assert len(list((tmp_path / "cells").glob("*.parquet"))) == 3
 
 
 @pytest.mark.parametrize("args, message", [
@@ -69,9 +104,10 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, args, mess
 
 def test_sweep_runs_every_cell_and_reports(tmp_path):
     result = invoke("sweep", "--model", "synthetic:tiny?agree=2", "--exits", "1..3", "--speculations", "2",
-                    "-p", "abc", "--max-new-tokens", 8, "--warmup", 0, "--out", tmp_path, "--no-report")
+                    "-p", "abc", "--max-new-tokens", 8, "--warmup", 0, "--repeats", 2, "--control", "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "cells").glob("*.parquet"))) == 4
+    assert len(list((tmp_path / "cells").glob("*.parquet"))) == 5
+    assert (tmp_path / "tables" / "efficiency.md").is_file() and (tmp_path / "plots" / "speedup_by_cell.png").is_file()
 
 
 def test_a_sweep_over_two_tasks_writes_one_run_per_task_and_the_task_table(tmp_path):
@@ -79,14 +115,15 @@ def test_a_sweep_over_two_tasks_writes_one_run_per_task_and_the_task_table(tmp_p
     prompts.write_text('{"prompt": "def add(a, b):"}\n{"prompt": "class Stack:"}\n')
     result = invoke("sweep", "--model", TINY, "--exits", "2", "--speculations", "2", "--dataset", "humaneval",
                     "--dataset", f"jsonl:{prompts}", "--num-samples", 2, "--max-new-tokens", 6, "--warmup", 0,
-                    "--out", tmp_path / "run", "--no-report")
+                    "--repeats", 1, "--out", tmp_path / "run", "--no-report")
     assert result.exit_code == 0, result.output
     for task in ("humaneval", "jsonl-code"):
         assert json.loads((tmp_path / "run" / task / "manifest.json").read_text())["prompts"]["prompts"] == 2
     table = pd.read_csv(tmp_path / "run" / "tables" / "tasks.csv")
     assert list(table["strategy"]) == ["autoregressive", "self_speculative"]
     assert {"speedup humaneval", f"speedup jsonl:{prompts}", "speedup mean over tasks"} <= set(table.columns)
-    assert (table.loc[0, [c for c in table.columns if c.startswith("speedup")]] == 1.0).all()
+    assert (table.loc[0, [c for c in table.columns if c.startswith("speedup") and not c.endswith(("low", "high"))]]
+            == 1.0).all()
 
 
 def test_datasets_lists_what_is_available_offline(monkeypatch):
@@ -106,7 +143,8 @@ def test_roofline_measures_this_device():
 def test_report_overlays_two_runs(tmp_path):
     for name, model in (("a", "synthetic:tiny?agree=2"), ("b", "synthetic:tiny")):
         assert invoke("sweep", "--model", model, "--exits", "1..2", "--speculations", "2", "-p", "abc",
-                      "--max-new-tokens", 6, "--warmup", 0, "--out", tmp_path / name, "--no-report").exit_code == 0
+                      "--max-new-tokens", 6, "--warmup", 0, "--repeats", 1, "--out", tmp_path / name,
+                      "--no-report").exit_code == 0
     result = invoke("report", tmp_path / "a", "--overlay", tmp_path / "b", "--labels", "agree,random")
     assert result.exit_code == 0, result.output
     png = tmp_path / "a" / "plots" / "overlay.png"

@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from skipbench.compare import CompareError, compare_runs, comparison_text, format_comparison
 from skipbench.spec import Cell, Setup, with_baseline
@@ -19,32 +18,29 @@ FAST = "self_speculative E=2 K=4"  # accepts everything: a cell well above 1x
 SLOWER = "self_speculative E=1 K=2"
 
 
+SETUP = Setup(model="synthetic:tiny?agree=2", prompts=("hello", "world wide", "abc", "a b c d"), max_new_tokens=12,
+              warmup=1, repeats=3, threads=1)
+CELLS = with_baseline([Cell("self_speculative", exit_layer=1, num_speculations=2),
+                       Cell("self_speculative", exit_layer=2, num_speculations=4)])
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared: one thread keeps a tiny model fast
-    try:
-        setup = Setup(
-            model="synthetic:tiny?agree=2",
-            prompts=("hello", "world wide", "abc", "a b c d"),
-            max_new_tokens=12,
-            warmup=0,
-        )
-        cells = with_baseline(
-            [
-                Cell("self_speculative", exit_layer=1, num_speculations=2),
-                Cell("self_speculative", exit_layer=2, num_speculations=4),
-            ]
-        )
-        store = execute(setup, cells, tmp_path_factory.mktemp("compare") / "base")
-    finally:
-        torch.set_num_threads(threads)
-    return store.root
+    return execute(SETUP, CELLS, tmp_path_factory.mktemp("compare") / "base").root
 
 
-def copy_run(run, tmp_path, name="new"):
+def copy_run(run, tmp_path, name="new", steady=False):
+    """A copy of the run; `steady`: with times proportional to each cell's verify steps, plus 1% noise, so
+    that a doctored slowdown is judged against known intervals, not against this machine's load."""
     target = tmp_path / name
     shutil.copytree(run, target)
+    if not steady:
+        return target
+    rng = np.random.default_rng(0)
+    for path in (target / "cells").glob("*.parquet"):
+        frame = pd.read_parquet(path)
+        frame["time_s"] = 0.01 * frame["verify_steps"] * rng.uniform(0.99, 1.01, len(frame))
+        frame.to_parquet(path, index=False)
     return target
 
 
@@ -80,13 +76,13 @@ def test_identical_runs_pass(run) -> None:
     assert set(result.rows["verdict"]) == {"ok"}
     fast = result.rows[result.rows["cell"] == FAST].iloc[0]
     assert fast["speedup_ratio"] == pytest.approx(1.0)
-    assert fast["speedup_ci_low"] == pytest.approx(1.0) and fast["speedup_ci_high"] == pytest.approx(1.0)
+    assert fast["speedup_ratio_low"] == pytest.approx(1.0) and fast["speedup_ratio_high"] == pytest.approx(1.0)
     assert "OK" in comparison_text(result)
     assert format_comparison(result).row_count == 3
 
 
 def test_thirty_percent_slowdown_fails(run, tmp_path) -> None:
-    new = copy_run(run, tmp_path)
+    run, new = copy_run(run, tmp_path, "base", steady=True), copy_run(run, tmp_path, steady=True)
 
     def slow(frame):
         frame["time_s"] *= 1.3
@@ -96,7 +92,7 @@ def test_thirty_percent_slowdown_fails(run, tmp_path) -> None:
     assert not result.ok
     row = result.rows[result.rows["cell"] == FAST].iloc[0]
     assert row["verdict"] == "FAIL" and row["speedup_ratio"] == pytest.approx(1 / 1.3)
-    assert row["speedup_ci_high"] < 0.95
+    assert row["new_speedup_high"] < row["base_speedup_low"] * 0.95 and row["speedup_ratio_high"] < 0.95
     assert len(result.problems) == 1 and result.problems[0].startswith(FAST)
     assert "slower" in result.problems[0]
     assert "FAIL" in comparison_text(result)
@@ -106,7 +102,7 @@ def test_thirty_percent_slowdown_fails(run, tmp_path) -> None:
 
 
 def test_one_percent_noise_passes(run, tmp_path) -> None:
-    new = copy_run(run, tmp_path)
+    run, new = copy_run(run, tmp_path, "base", steady=True), copy_run(run, tmp_path, steady=True)
     rng = np.random.default_rng(1)
     for path in (new / "cells").glob("*.parquet"):
         frame = pd.read_parquet(path)
@@ -160,7 +156,7 @@ def test_quality_drop(run, tmp_path) -> None:
 
     def scores(values):
         def change(frame):
-            frame["quality_exact_match"] = values
+            frame["quality_exact_match"] = [values[int(i)] for i in frame["prompt_index"]]
 
         return change
 
@@ -170,6 +166,14 @@ def test_quality_drop(run, tmp_path) -> None:
     edit_cell(new, FAST, scores([0.0, 0.0, 0.0, 0.0]))
     result = compare_runs(base, new)
     assert not result.ok and "exact_match" in result.problems[0]
+
+
+def test_a_base_run_without_cells_is_refused(run, tmp_path) -> None:
+    empty = copy_run(run, tmp_path, "empty")
+    for path in (empty / "cells").glob("*.parquet"):
+        path.unlink()
+    with pytest.raises(CompareError, match="base run .* holds no finished cells"):
+        compare_runs(empty, run)
 
 
 def test_missing_and_extra_cells(run, tmp_path) -> None:

@@ -5,12 +5,12 @@ import torch
 from conftest import make_model
 
 from skipbench.decoding.autoregressive import Autoregressive
-from skipbench.decoding.hf import generate_hf
 from skipbench.decoding.layers import DecoderStack, EngineError
 from skipbench.decoding.loop import generate
 from skipbench.decoding.sampling import Sampler
 from skipbench.decoding.self_speculative import SelfSpeculative
 from skipbench.decoding.speculative import TwoModel
+from skipbench.hf import generate_hf
 from skipbench.models import load_model
 
 PROMPT = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
@@ -66,34 +66,82 @@ def test_a_draft_that_is_the_target_itself_is_always_accepted(model):
     assert record.accepted == record.drafted > 0
 
 
-def test_hf_backend_equals_autoregressive(model):
+def steps_of(record):
+    return [(step.drafted, step.accepted) for step in record.steps]
+
+
+def test_hf_backend_equals_autoregressive_with_the_native_engines_counts(model):
+    """transformers' generate() is an independent implementation: same tokens, and step for step the same
+    drafted and accepted counts as skipbench's engine on the same greedy run."""
     stack = DecoderStack(model)
     reference = decode(Autoregressive(stack)).tokens
     common = dict(max_new_tokens=NEW, sampler=Sampler(), eos_ids=[], device=CPU)
     plain = generate_hf(model, PROMPT, **common)
     assert plain.tokens == reference and plain.verify_steps == NEW and plain.drafted == 0
     for exit_layer in range(1, stack.num_layers):
-        record = generate_hf(model, PROMPT, exit_layer=exit_layer, num_speculations=3, **common)
-        assert record.tokens == reference, exit_layer
-        assert record.new_tokens == record.accepted + record.verify_steps
-        assert all(step.drafted <= 3 for step in record.steps)
+        for k in (1, 3):
+            theirs = generate_hf(model, PROMPT, exit_layer=exit_layer, num_speculations=k, **common)
+            ours = decode(SelfSpeculative(stack, exit_layer), k)
+            assert theirs.tokens == reference, (exit_layer, k)
+            assert steps_of(theirs) == steps_of(ours), (exit_layer, k)
     draft = make_model("gqa", seed=3, vocab_size=model.config.vocab_size)
-    record = generate_hf(model, PROMPT, draft=draft, num_speculations=4, **common)
-    assert record.tokens == reference
-    assert record.new_tokens == record.accepted + record.verify_steps
+    theirs = generate_hf(model, PROMPT, draft=draft, num_speculations=4, **common)
+    ours = decode(TwoModel(stack, DecoderStack(draft)), 4)
+    assert theirs.tokens == reference and steps_of(theirs) == steps_of(ours)
 
 
-def test_eos_stops_and_is_excluded():
+def test_eos_stops_is_excluded_and_counts_as_the_steps_output():
     model = make_model("gqa")
     stack = DecoderStack(model)
     reference = decode(Autoregressive(stack)).tokens
     eos = reference[7]  # pretend the 8th token is EOS
     cut = reference[: reference.index(eos)]
-    for strategy, k in ((Autoregressive(stack), 0), (SelfSpeculative(stack, 2), 4)):
+    ar = decode(Autoregressive(stack), eos=[eos])
+    assert ar.tokens == cut and ar.stop_reason == "eos"
+    assert ar.verify_steps == len(cut) + 1  # EOS is the last step's output: one token per step
+    for strategy, k in ((SelfSpeculative(stack, 2), 4), (TwoModel(stack, DecoderStack(model)), 3)):
         record = decode(strategy, k, eos=[eos])
         assert record.tokens == cut and record.stop_reason == "eos"
-        # The step that produced EOS may have committed tokens after it, which the output cuts:
-        assert record.new_tokens <= record.accepted + record.verify_steps
+        # Drafts kept past the EOS were never emitted and do not count as accepted: the EOS (emitted) is a
+        # kept draft or the last step's own token, so the steps' outputs add up to the cut plus EOS.
+        emitted = len(cut) + 1
+        assert emitted in (record.accepted + record.verify_steps, record.accepted + record.verify_steps - 1)
+
+
+def stop_inside_a_block(tokens, tokenizer, k):
+    """A stop sequence that first appears in the middle of a speculative block (after some text)."""
+    for end in range(3, len(tokens) - 1):
+        if end % (k + 1) not in (0, k):  # not the first or last token of a fully accepted block
+            text = tokenizer.decode(tokens[:end])
+            stop = tokenizer.decode(tokens[end - 1 : end])
+            if stop.strip() and text.index(stop) == len(text) - len(stop) and text.strip() != stop.strip():
+                return stop
+    raise AssertionError("no stop found")
+
+
+def test_a_stop_inside_an_accepted_block_cuts_every_strategy_at_the_same_token():
+    """Every draft is accepted (agree=2), so a stop lands inside a block: the tokens after it are computed
+    but never emitted, and a speculative row equals the autoregressive one."""
+    from skipbench.measure import stop_rule
+    from skipbench.prompts import PromptSet
+
+    loaded = load_model("synthetic:tiny?agree=2")
+    stack = DecoderStack(loaded.model)
+    reference = decode(Autoregressive(stack)).tokens
+    stop = stop_inside_a_block(reference, loaded.tokenizer, 4)
+    rule = stop_rule(PromptSet([], None, NEW, (stop,)), loaded.tokenizer)
+    common = dict(max_new_tokens=NEW, num_speculations=4, sampler=Sampler(), eos_ids=[], device=CPU, stop=rule)
+    ar = generate(Autoregressive(stack), PROMPT, **{**common, "num_speculations": 0})
+    assert ar.stop_reason == "stop" and len(ar.tokens) < NEW and ar.verify_steps == ar.new_tokens
+    for strategy in (SelfSpeculative(stack, 2), TwoModel(stack, DecoderStack(loaded.model))):
+        record = generate(strategy, PROMPT, **common)
+        assert record.tokens == ar.tokens and record.stop_reason == "stop"
+        assert record.accepted + record.verify_steps - 1 <= record.new_tokens <= record.accepted + record.verify_steps
+        assert record.steps[-1].accepted < record.steps[-1].drafted  # the cut fell inside the last block
+    theirs = generate_hf(loaded.model, PROMPT, max_new_tokens=NEW, sampler=Sampler(), eos_ids=[], device=CPU,
+                         exit_layer=2, num_speculations=4, stop=rule)
+    assert theirs.tokens == ar.tokens and theirs.stop_reason == "stop"
+    assert steps_of(theirs) == steps_of(generate(SelfSpeculative(stack, 2), PROMPT, **common))
 
 
 def positions_seen(model):

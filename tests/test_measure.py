@@ -1,38 +1,161 @@
-"""Records of one cell: stop sequences, warm-up, and the row's raw counts."""
+"""Measurement: interleaved rounds with the baseline in each, repeats, the journal, and their guarantees."""
 
-from skipbench.measure import run_cell
-from skipbench.models import load_model
-from skipbench.prompts import build_prompts
-from skipbench.spec import Cell, Setup
+from collections import Counter
+from dataclasses import replace
 
-MODEL = "synthetic:tiny"
+import pytest
+
+import skipbench.measure as measure_module
+from skipbench.measure import MeasurementError, Progress
+from skipbench.spec import Cell, Grid, Setup, cell_key
+from skipbench.store import RunStore
+from skipbench.sweep import execute
+
+SETUP = Setup(model="synthetic:tiny", prompts=("one", "two", "three"), max_new_tokens=6, warmup=0, repeats=3,
+              threads=1)
+CELLS = Grid(exits=(1, 2), speculations=(2,)).expand()
 
 
-def rows_for(cell, setup):
-    target = load_model(MODEL)
-    return run_cell(cell, setup, target, None, build_prompts(setup, target.tokenizer))
+class Recorder(Progress):
+    def __init__(self, stop_after: int | None = None):
+        self.order, self.statuses, self.stop_after = [], [], stop_after
+
+    def generation_done(self, cell, row):
+        self.order.append((row["round"], row["prompt_index"], cell))
+        if self.stop_after is not None and len(self.order) == self.stop_after:
+            raise KeyboardInterrupt
+
+    def cell_done(self, cell, status):
+        self.statuses.append((cell, status))
 
 
-def test_a_stop_sequence_ends_generation_and_cuts_the_completion():
-    free = Setup(model=MODEL, prompts=("def fibonacci(n):",), max_new_tokens=40, warmup=0)
-    text = rows_for(Cell("autoregressive"), free)[0]["text"]
+def rows_of(store, setup=SETUP, cells=CELLS):
+    return {cell: store.read_cell(cell_key(setup, cell)) for cell in cells}
+
+
+def test_rounds_are_prompt_major_interleaved_with_the_baseline_and_rotated(tmp_path):
+    progress = Recorder()
+    store = execute(SETUP, CELLS, tmp_path, progress=progress)
+    # Every round decodes every prompt with every cell once, the baseline included, prompt after prompt.
+    assert Counter((r, p) for r, p, _ in progress.order) == {(r, p): 3 for r in range(3) for p in range(3)}
+    assert [p for _, p, _ in progress.order] == [p for _ in range(3) for p in range(3) for _ in range(3)]
+    orders = [tuple(cell for r, p, cell in progress.order if (r, p) == key) for key in sorted({(r, p) for r, p, _
+                                                                                               in progress.order})]
+    assert len(set(orders)) == 3 and all(set(order) == set(CELLS) for order in orders)  # rotated, never skipped
+    for cell, frame in rows_of(store).items():
+        assert sorted(zip(frame["prompt_index"], frame["round"], strict=True)) == [
+            (p, r) for p in range(3) for r in range(3)], cell
+        for _, prompt_rows in frame.groupby("prompt_index"):  # counts and tokens equal in every repeat
+            assert prompt_rows["tokens"].map(list).map(tuple).nunique() == 1
+            assert prompt_rows[["new_tokens", "drafted", "accepted", "verify_steps"]].nunique().max() == 1
+            assert sorted(prompt_rows["repeat"]) == [0, 1, 2]
+
+
+def test_an_interrupted_session_resumes_from_its_journal_and_loses_no_generation(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        execute(SETUP, CELLS, tmp_path, progress=Recorder(stop_after=10))
+    store = RunStore(tmp_path)
+    journal = store.read_journal()
+    assert len(journal) == 10 and not store.has_cells()
+    again = Recorder()
+    execute(SETUP, CELLS, tmp_path, progress=again)
+    # Only what was missing, plus the baseline wherever a cell needs its time from the same round.
+    assert 27 - 10 <= len(again.order) <= 27 - 10 + len(SETUP.prompts)
+    assert store.read_journal() == []
+    stored = {(row["cell_key"], row["prompt_index"], row["round"], row["time_s"])
+              for frame in rows_of(store).values() for row in frame.to_dict("records")}
+    assert {(row["cell_key"], row["prompt_index"], row["round"], row["time_s"]) for row in journal} <= stored
+    for cell, frame in rows_of(store).items():
+        counts = frame.groupby("prompt_index").size().tolist()
+        assert counts == [3, 3, 3] if cell.method.speculates else min(counts) == 3, (cell, counts)
+    finished = Recorder()
+    execute(SETUP, CELLS, tmp_path, progress=finished)
+    assert finished.order == [] and {status for _, status in finished.statuses} == {"skipped"}
+
+
+def test_more_repeats_later_extend_every_cell_in_new_rounds(tmp_path):
+    execute(replace(SETUP, repeats=2), CELLS, tmp_path)
+    progress = Recorder()
+    store = execute(SETUP, CELLS, tmp_path, progress=progress)
+    assert {r for r, _, _ in progress.order} == {2} and len(progress.order) == 9
+    for frame in rows_of(store).values():
+        assert sorted(set(frame["round"])) == [0, 1, 2]
+
+
+def test_greedy_decoding_that_changes_between_repeats_is_a_loud_error(tmp_path, monkeypatch):
+    real = measure_module.CellRunner.generate
+    calls = Counter()
+
+    def flaky(self, prompt):
+        generation = real(self, prompt)
+        calls[self.cell] += 1
+        if self.cell == CELLS[1] and calls[self.cell] == 5:
+            generation.tokens = generation.tokens[:-1] + [generation.tokens[-1] + 1]
+        return generation
+
+    monkeypatch.setattr(measure_module.CellRunner, "generate", flaky)
+    with pytest.raises(MeasurementError, match="decoded differently"):
+        execute(SETUP, CELLS, tmp_path)
+
+
+def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
+    real = measure_module.CellRunner.generate
+    broken = CELLS[2]
+
+    def generate(self, prompt):
+        if self.cell == broken:
+            raise RuntimeError("CUDA out of memory (simulated)\nmore detail")
+        return real(self, prompt)
+
+    monkeypatch.setattr(measure_module.CellRunner, "generate", generate)
+    progress = Recorder()
+    store = execute(SETUP, CELLS, tmp_path, progress=progress)
+    assert [c for c, status in progress.statuses if status == "done"] == [CELLS[0], CELLS[1]]
+    assert store.errors() == [{"strategy": "self_speculative", "exit_layer": 2, "num_speculations": 2,
+                               "draft_model": None, "backend": "native", "replica": 0,
+                               "cell_key": cell_key(SETUP, broken), "cell_label": broken.label(),
+                               "error": "RuntimeError: CUDA out of memory (simulated)"}]
+    monkeypatch.setattr(measure_module.CellRunner, "generate", real)
+    retry = Recorder()
+    execute(SETUP, CELLS, tmp_path, progress=retry)  # a rerun retries the failed cell and clears its error
+    assert store.errors() == [] and store.has_cell(cell_key(SETUP, broken))
+    assert {cell for _, _, cell in retry.order} == {CELLS[0], broken}  # with its baseline in the same rounds
+
+
+def test_a_failing_baseline_fails_the_group(tmp_path, monkeypatch):
+    def generate(self, prompt):
+        raise RuntimeError("broken baseline")
+
+    monkeypatch.setattr(measure_module.CellRunner, "generate", generate)
+    with pytest.raises(MeasurementError, match="baseline"):
+        execute(SETUP, CELLS, tmp_path)
+
+
+def test_a_stop_sequence_ends_generation_and_cuts_the_completion(tmp_path):
+    free = Setup(model="synthetic:tiny", prompts=("def fibonacci(n):",), max_new_tokens=40, warmup=0, repeats=1)
+    cells = [Cell("autoregressive"), Cell("self_speculative", 2, 4)]
+    text = execute(free, cells[:1], tmp_path / "free").read_cell(cell_key(free, cells[0]))["text"][0]
     stop = text[10:12]
     expected = text[: text.index(stop)]
     assert expected.strip()  # the stop sits after some text, so it must cut there
-    stopped = Setup(model=MODEL, prompts=free.prompts, max_new_tokens=40, warmup=0, stop_sequences=(stop,))
-    for cell in (Cell("autoregressive"), Cell("self_speculative", 2, 4)):
-        row = rows_for(cell, stopped)[0]
+    stopped = replace(free, stop_sequences=(stop,))
+    store = execute(stopped, cells, tmp_path / "stopped")
+    for cell in cells:
+        row = store.read_cell(cell_key(stopped, cell)).iloc[0]
         assert row["stop_reason"] == "stop" and row["completion"] == expected
-        assert row["text"].startswith(text[: text.index(stop) + len(stop)])
-        assert row["new_tokens"] < 40
+        assert row["text"].startswith(text[: text.index(stop) + len(stop)]) and row["new_tokens"] < 40
 
 
-def test_rows_hold_the_raw_counts_per_step():
-    setup = Setup(model=MODEL, prompts=("abc", "hello world"), max_new_tokens=12, warmup=1)
-    rows = rows_for(Cell("self_speculative", 1, 3), setup)
-    assert [row["prompt_index"] for row in rows] == [0, 1]
-    for row in rows:
+def test_rows_hold_the_raw_counts_per_step_and_the_passes(tmp_path):
+    setup = Setup(model="synthetic:tiny", prompts=("abc", "hello world"), max_new_tokens=12, warmup=1, repeats=1)
+    cell = Cell("self_speculative", 1, 3)
+    store = execute(setup, [Cell("autoregressive"), cell], tmp_path)
+    for row in store.read_cell(cell_key(setup, cell)).to_dict("records"):
         assert row["drafted"] == sum(row["step_drafted"]) and row["accepted"] == sum(row["step_accepted"])
-        assert row["verify_steps"] == len(row["step_context"])
+        assert row["verify_steps"] == len(row["step_context"]) == sum(p == "verify" and s == 1
+                                                                      for p, s in zip(row["pass_phase"],
+                                                                                      row["pass_start"],
+                                                                                      strict=True))
         assert row["step_context"][0] == row["prompt_tokens"] - 1
         assert row["decode_s"] == row["time_s"] - row["prefill_s"] and row["prefill_s"] > 0
+        assert list(row["pass_phase"]).count("draft") == row["drafted"]  # one exit-layer pass per draft

@@ -74,3 +74,52 @@ def test_two_model_sampling_matches_the_target_distribution_end_to_end():
                           device=torch.device("cpu"))
         counts[record.tokens[0]] += 1
     assert total_variation(counts / draws, p) < 0.05
+
+
+def test_sampled_self_speculation_keeps_the_targets_joint_distribution():
+    """Chi-square of the first two tokens against the target's exact joint p(t1) p(t2 | t1). With K=1 the
+    second token is the verifier's bonus token whenever the draft is kept, so that path is exercised too."""
+    from scipy.stats import chisquare
+
+    from skipbench.decoding.self_speculative import SelfSpeculative
+
+    vocab = 6
+    model = make_model("gqa", seed=4, vocab_size=vocab)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)  # sharper heads: the exit at layer 1 disagrees with the last layer
+    prompt = [1, 5, 3]
+
+    def next_probs(tokens):
+        with torch.no_grad():
+            return torch.softmax(model(torch.tensor([tokens])).logits[0, -1].double(), -1)
+
+    first = next_probs(prompt)
+    joint = torch.stack([first[a] * next_probs([*prompt, a]) for a in range(vocab)]).flatten()
+    strategy = SelfSpeculative(DecoderStack(model), exit_layer=1)
+    counts, bonus, draws = torch.zeros(vocab * vocab), 0, 1500
+    for seed in range(draws):
+        sampler = Sampler(sample=True, generator=torch.Generator().manual_seed(seed))
+        record = generate(strategy, prompt, max_new_tokens=2, num_speculations=1, sampler=sampler, eos_ids=[],
+                          device=torch.device("cpu"))
+        counts[record.tokens[0] * vocab + record.tokens[1]] += 1
+        bonus += record.steps[0].accepted == 1
+    assert 0.2 * draws < bonus < 0.9 * draws  # both the bonus path and the rejection path ran often
+    expected = joint * draws
+    keep = expected > 5  # chi-square needs expected counts above ~5; pool the rest
+    observed = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
+    expected = torch.cat([expected[keep], expected[~keep].sum(0, keepdim=True)])
+    assert chisquare(observed.numpy(), expected.numpy() * observed.sum().item() / expected.sum().item()).pvalue > 0.001
+    # The exit head alone would be a different distribution: this test can fail.
+    exit_only = torch.zeros(vocab * vocab)
+    for seed in range(draws):
+        sampler = Sampler(sample=True, generator=torch.Generator().manual_seed(seed))
+        stack = DecoderStack(model)
+        cache = stack.new_cache(16)
+        stack.run(stack.embed(prompt[:-1]), cache, 0, 1)
+        _, logits = stack.run(stack.embed(prompt[-1:]), cache, 0, 1, head=1)
+        a, _ = sampler.choose(logits[0])
+        _, logits = stack.run(stack.embed([a]), cache, 0, 1, head=1)
+        b, _ = sampler.choose(logits[0])
+        exit_only[a * vocab + b] += 1
+    observed = torch.cat([exit_only[keep], exit_only[~keep].sum(0, keepdim=True)])
+    assert chisquare(observed.numpy(), expected.numpy() * observed.sum().item() / expected.sum().item()).pvalue < 1e-6

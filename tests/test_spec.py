@@ -1,6 +1,8 @@
+import re
+
 import pytest
 
-from skipbench.spec import Cell, Grid, Setup, SpecError, cell_key, grid_from, load_sweep_file, parse_range
+from skipbench.spec import Cell, Grid, Setup, SpecError, cell_key, grid_from, load_sweep_file, parse_range, setup_from
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -70,10 +72,52 @@ def test_sweep_file(tmp_path):
     path.write_text('out = "runs/x"\n[setup]\nmodel = "synthetic:tiny"\nprompts = ["a", "b"]\n'
                     '[sweep]\nexits = "1..3"\nspeculations = [2]\n')
     loaded = load_sweep_file(str(path))
-    assert loaded.setup == {"model": "synthetic:tiny", "prompts": ("a", "b")} and loaded.out == "runs/x"
+    assert loaded.setup == {"model": "synthetic:tiny", "prompts": ["a", "b"]} and loaded.out == "runs/x"
+    assert setup_from(loaded.setup) == Setup(model="synthetic:tiny", prompts=("a", "b"))
     assert len(grid_from(loaded.grid).expand()) == 4 and loaded.train == []
     path.write_text("[setup]\nmodle = 'x'\n")
     with pytest.raises(SpecError, match="unknown setup key"):
         load_sweep_file(str(path))
     with pytest.raises(SpecError, match="does not exist"):
         load_sweep_file(str(tmp_path / "none.toml"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('prompts = "hello"', "prompts must be a list of strings"),
+    ('num_samples = "two"', "num_samples must be a whole number"),
+    ("model = 5", "model must be a string"),
+    ("sample = 1", "sample must be true or false"),
+    ("temperature = true", "temperature must be a number"),
+    ("dataset = 3", "dataset must be a task name or a list"),
+])
+def test_sweep_file_values_of_the_wrong_type_are_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "s.toml"
+    path.write_text(f"[setup]\n{text}\n")
+    with pytest.raises(SpecError, match=message):
+        load_sweep_file(str(path))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(prompts=("",)), "empty --prompt"),
+    (dict(prompts=("a",), template="no placeholder"), "no {prompt} placeholder"),
+    (dict(prompts=("a",), n_shot=-1), "--n-shot must be >= 0"),
+    (dict(prompts=("a",), n_shot=2), "--n-shot needs a --dataset"),
+    (dict(prompts=("a",), temperature=-1.0), "--temperature must be > 0"),
+    (dict(prompts=("a",), repeats=0), "--repeats must be >= 1"),
+])
+def test_bad_setups_are_refused(changes, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        Setup(**changes).check()
+
+
+def test_the_method_registry_is_the_one_list_of_methods():
+    from skipbench import methods
+
+    assert methods.strategies() == ("autoregressive", "speculative", "self_speculative")
+    assert methods.backends() == ("native", "hf", "hf_static")
+    with pytest.raises(SpecError, match="backend hf_static does not run self_speculative decoding"):
+        Cell("self_speculative", 2, 2, backend="hf_static").check()
+    assert grid_from({"backends": "native,hf", "exits": "1", "speculations": "2",
+                      "control": True}).expand()[:4] == [
+        Cell("autoregressive"), Cell("autoregressive", backend="hf"), Cell("autoregressive", replica=1),
+        Cell("autoregressive", backend="hf", replica=1)]

@@ -12,17 +12,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from skipbench.models import load_model
-from skipbench.train import (
-    TrainConfig,
-    TrainError,
-    early_exit_weights,
-    exit_logits,
-    layer_dropout_rates,
-    layer_outputs,
-    layerskip_loss,
-    train,
-    train_tokenizer,
-)
+from skipbench.train import TrainConfig, TrainError, config_from, train
+from skipbench.train.data import train_tokenizer
+from skipbench.train.recipe import early_exit_weights, exit_logits, layer_dropout_rates, layer_outputs, layerskip_loss
 
 
 def write_corpus(directory: Path, files: int = 6) -> Path:
@@ -116,13 +108,43 @@ def test_layer_by_layer_forward_matches_the_model_and_is_causal(tiny_model):
     assert not torch.allclose(after[:, 10], ours[:, 10])
 
 
+def layer_masks(model) -> list:
+    """The attention mask each decoder layer is called with, recorded by a hook on the layers."""
+    seen = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True)
+    return seen
+
+
 def test_eager_attention_gets_an_explicit_causal_mask(tiny_model):
     ids = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(2))
+    masks = layer_masks(tiny_model)
     with torch.no_grad():
         sdpa = exit_logits(tiny_model, layer_outputs(tiny_model, ids)[-1])
+        assert masks == [None] * 4  # SDPA masks a fresh sequence itself (is_causal)
+        masks.clear()
         tiny_model.config._attn_implementation = "eager"
         eager = exit_logits(tiny_model, layer_outputs(tiny_model, ids)[-1])
+        theirs = tiny_model(ids).logits
+    # Eager attention masks nothing by itself: each layer gets one (1, 1, n, n) row blocking later keys.
+    mask = masks[0]
+    assert mask is not None and mask.shape == (1, 1, 16, 16)
+    assert all(other is mask for other in masks[:4])
+    blocked = torch.ones(16, 16, dtype=torch.bool).triu(1)
+    assert bool((mask[0, 0][blocked] < -1e30).all()) and bool((mask[0, 0][~blocked] == 0).all())
     torch.testing.assert_close(eager, sdpa, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eager, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_the_eager_mask_fits_the_samples_a_dropped_layer_still_runs_on(tiny_model):
+    tiny_model.config._attn_implementation = "eager"
+    ids = torch.randint(3, 320, (16, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = layer_outputs(tiny_model, ids)
+        half = layer_outputs(tiny_model, ids, [0.0, 0.0, 0.0, 0.5], torch.Generator().manual_seed(0))
+    ran = ~(half[3] == half[2]).flatten(1).all(1)
+    assert 0 < int(ran.sum()) < 16
+    torch.testing.assert_close(half[3][ran], full[3][ran])
 
 
 def test_recipe_none_is_plain_cross_entropy(tiny_model):
@@ -285,3 +307,27 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     assert "already exists" in one_line_error(replace(good, out_dir=tmp_path / "taken"))
+
+
+def test_config_from_checks_names_and_types(tmp_path):
+    config = config_from({"out_dir": str(tmp_path / "out"), "corpus": str(tmp_path), "steps": 5, "lr": 1})
+    assert config == TrainConfig(out_dir=tmp_path / "out", corpus=tmp_path, steps=5, lr=1.0)
+    assert isinstance(config.out_dir, Path) and isinstance(config.corpus, Path) and isinstance(config.lr, float)
+    assert config_from({"out_dir": tmp_path, "corpus": None}).corpus is None
+
+    def error(options: dict) -> str:
+        with pytest.raises(TrainError) as caught:
+            config_from(options)
+        message = str(caught.value)
+        assert message and "\n" not in message
+        return message
+
+    unknown = error({"out_dir": "out", "stpes": 5})
+    assert "stpes" in unknown and "steps" in unknown  # names the mistake and the known options
+    assert "steps" in error({"out_dir": "out", "steps": "two"}) and "'two'" in error({"out_dir": "out", "steps": "two"})
+    assert "integer" in error({"out_dir": "out", "steps": 2.5})
+    assert "steps" in error({"out_dir": "out", "steps": True})  # a bool is no step count
+    assert "lr" in error({"out_dir": "out", "lr": "fast"})
+    assert "recipe" in error({"out_dir": "out", "recipe": 1})
+    assert "corpus" in error({"out_dir": "out", "corpus": ["a", "b"]})
+    assert "out_dir" in error({"steps": 5})

@@ -1,62 +1,30 @@
-"""The one decoding loop every native strategy runs, and the record of one generation.
+"""The one decoding loop every native strategy runs.
 
 Each round (a "verify step") feeds the last committed token, plus up to K drafts, through the full
 model once and commits the drafts it agrees with plus one token of its own. Autoregressive decoding
 is the same loop with no drafts, so every strategy is counted and timed the same way.
 
 Prefill puts all prompt tokens but the last into the cache; the last prompt token is the first
-round's input. Hence new_tokens == accepted + verify_steps exactly (before any cut at EOS or a stop
-sequence), and autoregressive decoding makes one token per verify step.
+round's input. Hence new_tokens == accepted + verify_steps exactly unless generation ends at EOS or a
+stop sequence inside a step (see `Generation.emit`), and autoregressive decoding makes one token per
+verify step.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from skipbench.decoding.record import Generation, Step, Trace
 from skipbench.decoding.sampling import Sampler
 
 
-@dataclass
-class Step:
-    context: int  # tokens in the full model's cache when the step began
-    drafted: int
-    accepted: int  # drafts kept; the step also commits one token of the verifier's own
-
-
-@dataclass
-class Generation:
-    prompt_tokens: int
-    tokens: list[int] = field(default_factory=list)  # generated ids, EOS excluded
-    steps: list[Step] = field(default_factory=list)
-    time_s: float = 0.0
-    prefill_s: float = 0.0  # until the first generated token is known
-    stop_reason: str = "length"  # "length" | "eos" | "stop"
-
-    @property
-    def new_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def drafted(self) -> int:
-        return sum(step.drafted for step in self.steps)
-
-    @property
-    def accepted(self) -> int:
-        return sum(step.accepted for step in self.steps)
-
-    @property
-    def verify_steps(self) -> int:
-        return len(self.steps)
-
-
 class Strategy(Protocol):
-    def start(self, prompt: list[int], capacity: int) -> None:
-        """Prefill: every prompt token but the last into the cache(s)."""
+    def start(self, prompt: list[int], capacity: int, trace: Trace | None = None) -> None:
+        """Prefill: every prompt token but the last into the cache(s); passes go to `trace`."""
 
     def draft(self, last: int, count: int, sampler: Sampler) -> tuple[list[int], list[torch.Tensor] | None]:
         """Propose up to `count` tokens after `last`; with sampling also their draft distributions."""
@@ -81,32 +49,30 @@ def generate(strategy: Strategy, prompt: list[int], *, max_new_tokens: int, num_
         raise ValueError("an empty prompt cannot be decoded")
     eos = set(eos_ids)
     record = Generation(prompt_tokens=len(prompt))
+    trace = Trace()
     synchronize(device)
     began = time.perf_counter()
     with torch.inference_mode():
-        strategy.start(prompt, capacity=len(prompt) + max_new_tokens + num_speculations + 1)
+        strategy.start(prompt, capacity=len(prompt) + max_new_tokens + num_speculations + 1, trace=trace)
         last = prompt[-1]
         while record.new_tokens < max_new_tokens:
             context = len(prompt) - 1 + record.new_tokens
             # Never draft past the token budget: the step's own token needs one place too.
             count = min(num_speculations, max_new_tokens - record.new_tokens - 1)
+            trace.begin_step(len(record.steps))
+            trace.phase = "draft"
             drafts, draft_probs = strategy.draft(last, count, sampler) if count > 0 else ([], None)
+            trace.phase = "verify"
             kept, last = sampler.accept(drafts, draft_probs, strategy.verify(last, drafts))
             strategy.commit(context + 1 + kept)
             record.steps.append(Step(context, len(drafts), kept))
-            for token in [*drafts[:kept], last]:
-                if token in eos:
-                    record.stop_reason = "eos"
-                    break
-                record.tokens.append(token)
+            ended = record.emit([*drafts[:kept], last], kept, eos, stop)
             if len(record.steps) == 1:
                 synchronize(device)
                 record.prefill_s = time.perf_counter() - began
-            if record.stop_reason == "eos":
-                break
-            if stop is not None and stop(record.tokens):
-                record.stop_reason = "stop"
+            if ended:
                 break
     synchronize(device)
     record.time_s = time.perf_counter() - began
+    record.passes = trace.passes
     return record

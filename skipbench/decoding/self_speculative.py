@@ -29,10 +29,10 @@ class SelfSpeculative(Autoregressive):
         drafts, probs = [], []
         token = last
         for _ in range(count):
-            hidden = stack.run(stack.embed([token]), self.cache, 0, self.exit_layer)
-            self.exit_states.append(hidden)
             # The exit head is the model's own final norm and LM head applied at layer E.
-            token, token_probs = sampler.choose(stack.logits(hidden)[0])
+            hidden, logits = stack.run(stack.embed([token]), self.cache, 0, self.exit_layer, head=1)
+            self.exit_states.append(hidden)
+            token, token_probs = sampler.choose(logits[0])
             drafts.append(token)
             probs.append(token_probs)
         return drafts, probs if sampler.sample else None
@@ -40,7 +40,8 @@ class SelfSpeculative(Autoregressive):
     def verify(self, last: int, drafts: list[int]) -> torch.Tensor:
         stack = self.stack
         unseen = drafts[-1] if drafts else last  # the one position layers < E have not processed
-        fresh = stack.run(stack.embed([unseen]), self.cache, 0, self.exit_layer)
+        fresh, _ = stack.run(stack.embed([unseen]), self.cache, 0, self.exit_layer)
         hidden = torch.cat([*self.exit_states, fresh], dim=1)
         self.exit_states = []
-        return stack.logits(stack.run(hidden, self.cache, self.exit_layer, stack.num_layers))
+        _, logits = stack.run(hidden, self.cache, self.exit_layer, stack.num_layers, head=len(drafts) + 1)
+        return logits

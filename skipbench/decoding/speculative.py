@@ -6,19 +6,20 @@ import torch
 
 from skipbench.decoding.autoregressive import Autoregressive
 from skipbench.decoding.layers import DecoderStack
+from skipbench.decoding.record import Trace
 from skipbench.decoding.sampling import Sampler
 
 
 class TwoModel:
     def __init__(self, target: DecoderStack, draft: DecoderStack):
         self.target = Autoregressive(target)
-        self.drafter = Autoregressive(draft)
+        self.drafter = Autoregressive(draft, model="draft")
         self.committed: list[int] = []  # tokens whose keys and values the target holds
         self.in_flight: list[int] = []  # the last step's input and drafts, until commit
 
-    def start(self, prompt: list[int], capacity: int) -> None:
-        self.target.start(prompt, capacity)
-        self.drafter.start(prompt, capacity)
+    def start(self, prompt: list[int], capacity: int, trace: Trace | None = None) -> None:
+        self.target.start(prompt, capacity, trace)
+        self.drafter.start(prompt, capacity, trace)
         self.committed = prompt[:-1]
 
     def draft(self, last: int, count: int, sampler: Sampler) -> tuple[list[int], list[torch.Tensor] | None]:
@@ -27,8 +28,8 @@ class TwoModel:
         feed = [*self.committed[cache.lengths[0]:], last]
         drafts, probs = [], []
         for _ in range(count):
-            hidden = stack.run(stack.embed(feed), cache, 0, stack.num_layers)
-            token, token_probs = sampler.choose(stack.logits(hidden[:, -1:])[0])
+            _, logits = stack.run(stack.embed(feed), cache, 0, stack.num_layers, head=1)
+            token, token_probs = sampler.choose(logits[0])
             drafts.append(token)
             probs.append(token_probs)
             feed = [token]

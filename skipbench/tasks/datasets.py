@@ -1,4 +1,4 @@
-"""Benchmark tasks: prompts, per-task generation defaults and per-sample quality metrics.
+"""Benchmark tasks' datasets: prompts and references, per-task generation defaults, local copies.
 
 Datasets
     cnn_dm       abisee/cnn_dailymail (config 3.0.0), split test, ROUGE-1/2/L vs the highlights
@@ -35,18 +35,15 @@ import json
 import os
 import random
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
+from skipbench.errors import UserError
 
-class TaskError(Exception):
+
+class TaskError(UserError):
     """One-line, user-facing message (which dataset, where it looked, how to provide it)."""
 
 
@@ -162,25 +159,6 @@ def load_task(
     return TaskData(name, source, revision, split, seed, n_shot, examples, _DEFAULTS[name])
 
 
-def truncate_completion(text: str, stop_sequences: Sequence[str]) -> str:
-    """Cut ``text`` at the earliest stop sequence (the stop itself is dropped).
-
-    A stop sequence only counts once the completion has produced some non-whitespace text: models
-    often open with a newline after "Summary:", and cutting there would leave an empty answer. A
-    generation loop can use ``truncate_completion(text, stops) != text`` as its "stop now" test.
-    """
-    lead = len(text) - len(text.lstrip())
-    cut = len(text)
-    for stop in stop_sequences:
-        if not stop:
-            continue
-        # The match must end past the leading whitespace, i.e. start at lead - len(stop) + 1 or later.
-        at = text.find(stop, max(0, lead - len(stop) + 1))
-        if at != -1:
-            cut = min(cut, at)
-    return text[:cut]
-
-
 def limit_prompt_tokens(token_ids: list[int], max_tokens: int | None, policy: str) -> list[int]:
     """Apply a prompt-length limit: "left" keeps the last max_tokens ids, "refuse" raises TaskError."""
     if policy not in ("left", "refuse"):
@@ -199,34 +177,6 @@ def limit_prompt_tokens(token_ids: list[int], max_tokens: int | None, policy: st
     # Keep the end: it holds the instruction the model must continue from ("Summary:", the function
     # signature); what is lost is the oldest context (first shots, start of the article).
     return list(token_ids[-max_tokens:])
-
-
-def score(
-    task: TaskData, example: Example, completion: str, *, execute_code: bool = False, timeout_s: float = 10.0
-) -> dict[str, float]:
-    """Quality of one completion (already cut with truncate_completion; this does not cut again)."""
-    if task.name in ("cnn_dm", "jsonl"):
-        if not example.reference:
-            return {}
-        scores = _rouge().score(example.reference, completion)
-        return {key: scores[key].fmeasure for key in ("rouge1", "rouge2", "rougeL")}
-    if task.name == "topv2":
-        return {
-            "exact_match": float(_normalise_parse(completion) == _normalise_parse(example.reference or ""))
-        }
-    if task.name == "humaneval":
-        if not execute_code:
-            return {}  # running model-written code is opt-in
-        extra = example.extra
-        program = (
-            extra.get("problem_prompt", example.prompt)
-            + completion
-            + "\n\n"
-            + extra["test"]
-            + f"\n\ncheck({extra['entry_point']})\n"
-        )
-        return {"pass@1": 1.0 if _run_python_isolated(program, timeout_s) else 0.0}
-    raise TaskError(f"no quality metric for task {task.name!r}")
 
 
 def available_tasks(data_dir: str | Path | None = None) -> list[dict]:
@@ -491,73 +441,3 @@ def _cnn_dm_shots(n_shot: int, seed: int, data_dir: Path | None) -> tuple[str, s
         highlights = " ".join(line.strip() for line in _column(rows[i], "highlights", i, source).splitlines())
         shots.append(f"{_cnn_dm_prompt(article)} {highlights.strip()}\n")
     return "".join(shots), source, revision
-
-
-# --- metrics --------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=1)
-def _rouge():
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-
-
-def _normalise_parse(parse: str) -> str:
-    # Generation adds a leading space (the prompt ends without one) and may end in a newline, and
-    # tokenisers can emit double spaces; none of that changes the parse. Case, brackets and token
-    # spacing are kept: "[SL:X a ]" and "[SL:X a]" are different token sequences in TOPv2.
-    return " ".join(parse.split())
-
-
-@lru_cache(maxsize=1)
-def _can_unshare_net() -> bool:
-    """Whether `unshare -rn` (new user + network namespace, no privileges needed) works here."""
-    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
-        return False
-    try:
-        done = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
-
-
-def _run_python_isolated(program: str, timeout_s: float) -> bool:
-    """Run untrusted code in a separate interpreter; True when it exits with status 0 in time.
-
-    Isolation: `python -I` (no user site, no env-derived paths), a throw-away cwd, a minimal
-    environment, a wall-clock limit that kills the whole process group, and, on Linux where
-    `unshare -rn` works, a network namespace with no interfaces. Where unshare is unavailable the
-    code does have network access; there is no filesystem or memory sandbox either way.
-    """
-    with tempfile.TemporaryDirectory(prefix="skipbench-exec-") as tmp:
-        script = Path(tmp) / "candidate.py"
-        script.write_text(program, encoding="utf-8")
-        cmd = [sys.executable, "-I", str(script)]
-        if _can_unshare_net():
-            cmd = ["unshare", "-rn", *cmd]
-        env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-        proc = subprocess.Popen(
-            cmd,
-            cwd=tmp,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # own process group, so children it spawns die with it
-        )
-        try:
-            return proc.wait(timeout=timeout_s) == 0
-        except subprocess.TimeoutExpired:
-            return False
-        finally:
-            _kill_group(proc)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if hasattr(os, "killpg"):
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
-    proc.wait()

@@ -1,0 +1,241 @@
+"""The `hf` backend: transformers' own `generate()`, filling the same record as the native engine.
+
+`generate()` reports no draft statistics, so skipbench watches it run: forward hooks on the first and
+last decoder layer and on the LM head of each model see every pass (a draft of `assistant_early_exit`
+stops before the last layer), and the positions each pass covers give the drafted and accepted counts
+of each step and the passes' costs exactly. The hooks keep the position tensors as they are and read
+them once after `generate()` returns, so counting adds no host sync to the rows it is compared against.
+
+The same emission rule as the native loop (`Generation.emit`) cuts the output at EOS or a stop
+sequence, and a stopping criterion with the native stop rule ends `generate()` at the same step, so
+both backends decode the same workload.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from skipbench.decoding.layers import EngineError
+from skipbench.decoding.loop import synchronize
+from skipbench.decoding.record import Generation, Pass, Step
+from skipbench.decoding.sampling import Sampler
+
+
+class _FirstTokenClock(BaseStreamer):
+    """generate() streams the prompt first, then new tokens: the second call marks the first token."""
+
+    def __init__(self, device: torch.device, began: float):
+        self.device, self.began, self.calls, self.first_token_s = device, began, 0, 0.0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            synchronize(self.device)
+            self.first_token_s = time.perf_counter() - self.began
+
+    def end(self) -> None:
+        pass
+
+
+class _StopRule(StoppingCriteria):
+    """The native loop's stop rule as a transformers stopping criterion (batch 1)."""
+
+    def __init__(self, prompt_tokens: int, rule: Callable[[list[int]], bool]):
+        self.prompt_tokens, self.rule = prompt_tokens, rule
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = self.rule(input_ids[0, self.prompt_tokens :].tolist())
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The model's list of decoder layers, wherever its architecture keeps it (`model.layers`, `h`, ...)."""
+    count = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise EngineError(f"cannot find the {count} decoder layers of {type(model).__name__}")
+
+
+def check_early_exit(model: PreTrainedModel) -> None:
+    """transformers drafts with `assistant_early_exit` by lowering config.num_hidden_layers for the draft;
+    only a decoder whose forward loops over `layers[: config.num_hidden_layers]` stops there."""
+    import inspect
+
+    body = getattr(model, model.base_model_prefix, None)
+    try:
+        source = inspect.getsource(type(body).forward) if body is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    if "[: self.config.num_hidden_layers]" not in source:
+        architecture = (model.config.architectures or [type(model).__name__])[0]
+        raise EngineError(f"{architecture} does not stop at config.num_hidden_layers, so transformers' "
+                          f"assistant_early_exit cannot draft with it; use --backend native or a Llama-family model")
+
+
+class _PassWatcher:
+    """Forward hooks that log (model, event, positions, first position) for every pass, without a sync."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, int, torch.Tensor | None]] = []
+        self.hooks = []
+
+    def watch(self, model: PreTrainedModel, name: str) -> None:
+        layers = decoder_layers(model)
+
+        def first_layer(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            positions = kwargs.get("position_ids")
+            if positions is None:
+                positions = kwargs.get("cache_position")
+            start = positions.reshape(-1)[:1].clone() if positions is not None else None
+            self.events.append((name, "first", hidden.shape[1], start))
+
+        def last_layer(module, args, kwargs):
+            self.events.append((name, "last", 0, None))
+
+        def head(module, args):
+            self.events.append((name, "head", args[0].shape[1], None))
+
+        self.hooks.append(layers[0].register_forward_pre_hook(first_layer, with_kwargs=True))
+        self.hooks.append(layers[-1].register_forward_pre_hook(last_layer, with_kwargs=True))
+        self.hooks.append(model.get_output_embeddings().register_forward_pre_hook(head))
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def passes(self, layer_counts: dict[str, int], exit_layer: int | None) -> list[Pass]:
+        """Events -> passes. A target pass that never reached its last layer is an early-exit draft."""
+        starts = [start for _, event, _, start in self.events if event == "first"]
+        first = torch.cat(starts).tolist() if starts and all(s is not None for s in starts) else [0] * len(starts)
+        passes: list[Pass] = []
+        open_pass: dict[str, Pass] = {}
+        index = 0
+        for model, event, count, _ in self.events:
+            if event == "first":
+                open_pass[model] = Pass("draft" if model == "draft" else "verify", model, 0, layer_counts[model],
+                                        count, first[index])
+                index += 1
+                if model == "target" and exit_layer is not None:
+                    open_pass[model].phase, open_pass[model].end = "draft", exit_layer  # until "last" is seen
+                passes.append(open_pass[model])
+            elif event == "last" and model == "target" and model in open_pass:
+                open_pass[model].phase, open_pass[model].end = "verify", layer_counts[model]
+            elif event == "head" and model in open_pass:
+                open_pass.pop(model).head_positions = count
+        return passes
+
+
+def _steps(passes: list[Pass], prompt_tokens: int, total_tokens: int) -> list[tuple[Step, int]]:
+    """Verify passes -> (step, tokens committed after it). Pass 0 also holds the prompt (context 0).
+
+    Before verify pass j > 0 the committed sequence is one token longer than the cache (the last step's
+    own token is fed next), so pass j drafted (start + count) - (start + 1) tokens and committed up to one
+    less than where the next pass starts, plus that pending token.
+    """
+    verify = [p for p in passes if p.phase == "verify"]
+    steps = []
+    for index, entry in enumerate(verify):
+        before = prompt_tokens if index == 0 else entry.context + 1
+        after = verify[index + 1].context + 1 if index + 1 < len(verify) else total_tokens
+        drafted = entry.context + entry.positions - before
+        steps.append((Step(context=entry.context, drafted=drafted, accepted=after - before - 1), after))
+    return steps
+
+
+def _configure(target: PreTrainedModel, assistant: PreTrainedModel | None, *, max_new_tokens: int,
+               sampler: Sampler, eos_ids: Sequence[int], exit_layer: int | None, num_speculations: int,
+               static_cache: bool):
+    """generate()'s configuration; transformers reads K from the assistant's own generation_config."""
+    config = copy.deepcopy(target.generation_config)
+    if static_cache:
+        config.cache_implementation = "static"
+    config.max_new_tokens, config.min_new_tokens = max_new_tokens, None
+    config.do_sample = sampler.sample
+    config.temperature, config.top_p, config.top_k = sampler.temperature, sampler.top_p, None
+    config.eos_token_id = list(eos_ids) or None
+    config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else (list(eos_ids) or [0])[0]
+    assistant_config = None
+    if assistant is not None:
+        # A constant schedule keeps K fixed as the sweep asked; no confidence threshold cuts drafts short.
+        assistant_config = copy.deepcopy(assistant.generation_config)
+        for options in (config, assistant_config):
+            options.num_assistant_tokens = num_speculations
+            options.num_assistant_tokens_schedule = "constant"
+            options.assistant_confidence_threshold = 0.0
+    if exit_layer is not None:
+        config.assistant_early_exit = exit_layer
+    return config, assistant_config
+
+
+def generate_hf(target: PreTrainedModel, prompt: list[int], *, max_new_tokens: int, sampler: Sampler,
+                eos_ids: Sequence[int], device: torch.device, exit_layer: int | None = None,
+                draft: PreTrainedModel | None = None, num_speculations: int = 0, seed: int = 0,
+                static_cache: bool = False, stop: Callable[[list[int]], bool] | None = None) -> Generation:
+    """Run `generate()` autoregressively, with `assistant_early_exit=exit_layer`, or with a draft model.
+
+    `static_cache` asks for transformers' fastest autoregressive path: a static cache, which transformers
+    compiles on CUDA (its compile and capture happen in the uncounted warm-up generations)."""
+    assistant = target if exit_layer is not None else draft
+    config, assistant_config = _configure(target, assistant, max_new_tokens=max_new_tokens, sampler=sampler,
+                                          eos_ids=eos_ids, exit_layer=exit_layer,
+                                          num_speculations=num_speculations, static_cache=static_cache)
+    watcher = _PassWatcher()
+    watcher.watch(target, "target")
+    if draft is not None:
+        watcher.watch(draft, "draft")
+    saved_assistant_config = assistant.generation_config if assistant is not None else None
+    input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    extra = {"assistant_model": draft} if draft is not None else {}
+    if stop is not None:
+        extra["stopping_criteria"] = StoppingCriteriaList([_StopRule(len(prompt), stop)])
+    torch.manual_seed(seed)
+    try:
+        if assistant is not None:
+            assistant.generation_config = assistant_config
+        synchronize(device)
+        began = time.perf_counter()
+        clock = _FirstTokenClock(device, began)
+        with torch.inference_mode():
+            output = target.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                     generation_config=config, streamer=clock, **extra)
+        synchronize(device)
+        elapsed = time.perf_counter() - began
+    finally:
+        watcher.remove()
+        if assistant is not None:
+            assistant.generation_config = saved_assistant_config
+    layer_counts = {"target": target.config.num_hidden_layers}
+    if draft is not None:
+        layer_counts["draft"] = draft.config.num_hidden_layers
+    passes = watcher.passes(layer_counts, exit_layer)
+    sequence = output[0].tolist()
+    record = Generation(prompt_tokens=len(prompt), time_s=elapsed, prefill_s=clock.first_token_s, passes=passes)
+    _replay(record, sequence, _steps(passes, len(prompt), len(sequence)), set(eos_ids), stop)
+    return record
+
+
+def _replay(record: Generation, sequence: list[int], steps: list[tuple[Step, int]], eos: set[int],
+            stop: Callable[[list[int]], bool] | None) -> None:
+    """Emit each step's committed tokens through the native rule, and judge each pass's kept share."""
+    step_of_pass = 0
+    for entry in record.passes:
+        entry.step = step_of_pass
+        if entry.phase == "verify":
+            step_of_pass += 1
+    before = record.prompt_tokens
+    for index, (step, after) in enumerate(steps):
+        for entry in record.passes:
+            if entry.step == index:
+                entry.settle(after - 1)  # the cache holds all committed tokens but the step's own last one
+        record.steps.append(step)
+        if record.emit(sequence[before:after], step.accepted, eos, stop):
+            break
+        before = after

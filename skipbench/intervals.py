@@ -1,0 +1,159 @@
+"""Bootstrap intervals for ratios of sums over prompts x repeats (tokens/s, speedup).
+
+A cell's measurements form a table: one row per prompt, one column per repeat (timed round). The
+bootstrap resamples prompts with replacement and, inside each drawn prompt, its repeats with
+replacement (a two-stage cluster bootstrap): prompt-to-prompt differences and round-to-round timing
+noise both widen the interval. A speedup pairs every cell measurement with the baseline's measurement
+of the same prompt in the same round, so drift of the machine within a round cancels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Units:
+    """Per (prompt, repeat) sums to divide: `numerator[p, r] / denominator[p, r]`, missing as NaN.
+
+    Repeats of a prompt are packed to the left (columns 0..count-1 are present)."""
+
+    numerator: np.ndarray
+    denominator: np.ndarray
+
+    @property
+    def counts(self) -> np.ndarray:
+        return (~np.isnan(self.numerator)).sum(axis=1)
+
+    @property
+    def size(self) -> int:
+        return int(self.counts.sum())
+
+    def packed(self) -> Units:
+        """The same units with each prompt's repeats moved to the left, as the bootstrap expects."""
+        present = ~np.isnan(self.numerator)
+        return Units(_pack(self.numerator, present), _pack(self.denominator, present))
+
+
+@dataclass(frozen=True)
+class Draws:
+    """One set of bootstrap draws, shared by every quantity that must be resampled together."""
+
+    prompts: np.ndarray  # (resamples, P) prompt indices
+    repeats: np.ndarray  # (resamples, P, R) uniform numbers in [0, 1): which repeat of the drawn prompt
+
+
+def draws(prompts: int, repeats: int, resamples: int = RESAMPLES, seed: int = 0) -> Draws:
+    rng = np.random.default_rng(seed)
+    return Draws(rng.integers(0, prompts, size=(resamples, prompts)), rng.random((resamples, prompts, repeats)))
+
+
+def _resampled_sums(values: np.ndarray, counts: np.ndarray, chosen: Draws) -> np.ndarray:
+    """Σ over the drawn (prompt, repeat) units of `values`, one sum per resample."""
+    prompt = chosen.prompts
+    width = values.shape[1]
+    # The repeat of each draw among the prompt's present repeats, then the mean over the R draws so that
+    # a prompt weighs the same whatever its number of repeats.
+    repeat = np.minimum((chosen.repeats[..., :width] * counts[prompt][..., None]).astype(int), width - 1)
+    picked = values[prompt[..., None], repeat]
+    return np.nanmean(picked, axis=2).sum(axis=1)
+
+
+def _point(values: np.ndarray, counts: np.ndarray) -> float:
+    """Σ over prompts of the mean over the prompt's repeats."""
+    if not values.size:
+        return float("nan")
+    return float(sum(np.nansum(values[row]) / counts[row] for row in range(values.shape[0]) if counts[row]))
+
+
+def ratio(units: Units, chosen: Draws | None = None) -> tuple[float, float, float]:
+    """Σ numerator / Σ denominator (each prompt's repeats averaged, then summed over prompts), with its
+    interval; NaN bounds when there are fewer than two measurements."""
+    rows = units.counts > 0
+    units = Units(units.numerator[rows], units.denominator[rows])
+    counts = units.counts
+    point = _point(units.numerator, counts) / _point(units.denominator, counts)
+    if units.size < 2:
+        return point, float("nan"), float("nan")
+    chosen = chosen or draws(*units.numerator.shape)
+    samples = _resampled_sums(units.numerator, counts, chosen) / _resampled_sums(units.denominator, counts, chosen)
+    return point, *_bounds(samples)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A cell's and its baseline's (time, tokens) on the (prompt, repeat) units both measured, packed."""
+
+    cell_time: np.ndarray
+    cell_tokens: np.ndarray
+    base_time: np.ndarray
+    base_tokens: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, cell: Units, baseline: Units) -> Paired:
+        """Column r of both was timed in the same round; a unit one of them lacks is left out of both."""
+        present = ~np.isnan(cell.numerator) & ~np.isnan(baseline.numerator)
+        rows = present.any(axis=1)
+        present = present[rows]
+        arrays = (cell.numerator[rows], cell.denominator[rows], baseline.numerator[rows],
+                  baseline.denominator[rows])
+        return cls(*(_pack(array, present) for array in arrays), present.sum(axis=1))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.cell_time.shape
+
+    def point(self) -> float:
+        sums = [_point(array, self.counts) for array in (self.cell_time, self.cell_tokens, self.base_time,
+                                                          self.base_tokens)]
+        return (sums[2] / sums[3]) / (sums[0] / sums[1]) if sums[0] and sums[3] else float("nan")
+
+    def samples(self, chosen: Draws) -> np.ndarray:
+        """Bootstrap samples of (baseline time per token) / (cell time per token)."""
+        sums = [_resampled_sums(array, self.counts, chosen) for array in (self.cell_time, self.cell_tokens,
+                                                                          self.base_time, self.base_tokens)]
+        return (sums[2] / sums[3]) / (sums[0] / sums[1])
+
+
+def speedup(cell: Units, baseline: Units, chosen: Draws | None = None) -> tuple[float, float, float]:
+    """The speedup of `cell` over `baseline` (ratio of sums of time per token) and its interval."""
+    paired = Paired.of(cell, baseline)
+    point = paired.point()
+    if int(paired.counts.sum()) < 2:
+        return point, float("nan"), float("nan")
+    return point, *_bounds(paired.samples(chosen or draws(*paired.shape)))
+
+
+def _pack(values: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Keep the `present` units of each row, packed to the left (NaN after them)."""
+    packed = np.full(values.shape, np.nan)
+    for row in range(values.shape[0]):
+        kept = values[row, present[row]]
+        packed[row, : len(kept)] = kept
+    return packed
+
+
+def _bounds(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.nanpercentile(samples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def interval_of_samples(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The percentile interval of bootstrap samples."""
+    return _bounds(samples, confidence)
+
+
+def mean(values: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """The mean of per-prompt values (e.g. a quality score's change) with its bootstrap interval."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()) if len(values) else float("nan"), float("nan"), float("nan")
+    chosen = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    return float(values.mean()), *_bounds(values[chosen].mean(axis=1))

@@ -1,0 +1,200 @@
+"""The method registry: every (strategy, backend) skipbench can run, and what each one needs and does.
+
+Everything that needs to know which methods exist asks here: spec validation, the measurement loop, the
+cost columns, the tables, plots and compare. Adding a method (a dynamic draft length, a batched engine)
+is one new decoder class plus one `register` call below.
+
+A method builds a `Decoder` for one cell from the loaded models; a decoder turns a prompt into a
+`Generation` record with per-step counts and the passes it really ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from skipbench.decoding.record import Generation
+from skipbench.decoding.sampling import Sampler
+from skipbench.errors import SpecError
+
+if TYPE_CHECKING:
+    from skipbench.models import LoadedModel
+    from skipbench.spec import Cell
+
+
+class Decoder(Protocol):
+    def generate(self, prompt: list[int], *, max_new_tokens: int, sampler: Sampler, eos_ids: Sequence[int],
+                 stop: Callable[[list[int]], bool] | None, seed: int) -> Generation:
+        """Decode one prompt, timed device-synchronised."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """What one (strategy, backend) is.
+
+    `drafter`: who proposes tokens: None (autoregressive), "exit" (the target's own first E layers) or
+    "draft_model" (a separate model). `draft_cache`: which extra KV cache it keeps besides the target's:
+    None, "draft_model" (the draft model's), or "exit_layers" (a separate cache for layers < E, as
+    transformers' assistant_early_exit keeps; the native engine shares one cache).
+    """
+
+    strategy: str
+    backend: str
+    short: str  # a few characters for narrow tables: "AR", "self", "2-model"
+    description: str
+    drafter: str | None
+    draft_cache: str | None
+    build: Callable[[Cell, LoadedModel, LoadedModel | None], Decoder]
+
+    @property
+    def speculates(self) -> bool:
+        return self.drafter is not None
+
+    @property
+    def separate_draft_model(self) -> bool:
+        return self.drafter == "draft_model"
+
+    def check(self, cell: Cell, num_layers: int | None = None) -> None:
+        """Refuse knobs the method does not take or lacks; with the layer count also an exit outside it."""
+        if not self.speculates:
+            if cell.exit_layer is not None or cell.draft_model is not None or cell.num_speculations is not None:
+                raise SpecError(f"{self.strategy} decoding takes no exit layer, draft model or speculations")
+            return
+        if cell.num_speculations is None or cell.num_speculations < 1:
+            raise SpecError(f"{self.strategy} needs --num-speculations K >= 1 (got {cell.num_speculations})")
+        if self.drafter == "draft_model":
+            if not cell.draft_model:
+                raise SpecError(f"strategy {self.strategy} needs a draft model: --draft-model NAME")
+            if cell.exit_layer is not None:
+                raise SpecError(f"strategy {self.strategy} takes no --exit-layer (that is self_speculative)")
+        if self.drafter == "exit":
+            if cell.exit_layer is None:
+                raise SpecError(f"strategy {self.strategy} needs --exit-layer E")
+            if cell.draft_model is not None:
+                raise SpecError(f"strategy {self.strategy} takes no --draft-model (it drafts with its own layers)")
+            top = f"{num_layers - 1}" if num_layers else "num_layers-1"
+            if cell.exit_layer < 1 or (num_layers is not None and cell.exit_layer >= num_layers):
+                raise SpecError(f"--exit-layer {cell.exit_layer} is outside 1..{top} for this model")
+
+
+REGISTRY: dict[tuple[str, str], Method] = {}
+
+
+def register(method: Method) -> Method:
+    REGISTRY[(method.strategy, method.backend)] = method
+    return method
+
+
+def strategies() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(strategy for strategy, _ in REGISTRY))
+
+
+def backends() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(backend for _, backend in REGISTRY))
+
+
+def baseline_strategy() -> str:
+    """The strategy every speedup divides by: the one that drafts nothing."""
+    return next(method.strategy for method in REGISTRY.values() if not method.speculates)
+
+
+def method_for(strategy: str, backend: str) -> Method:
+    """The registered method, or one line naming what exists."""
+    if strategy not in strategies():
+        raise SpecError(f"unknown strategy {strategy!r}; choose one of {', '.join(strategies())}")
+    if backend not in backends():
+        raise SpecError(f"unknown backend {backend!r}; choose one of {', '.join(backends())}")
+    method = REGISTRY.get((strategy, backend))
+    if method is None:
+        offered = [name for (s, name) in REGISTRY if s == strategy]
+        raise SpecError(f"backend {backend} does not run {strategy} decoding; for {strategy} choose "
+                        f"{', '.join(offered)}")
+    return method
+
+
+# --------------------------------------------------------------------------- native engine
+
+
+@dataclass
+class NativeDecoder:
+    """skipbench's own engine: one strategy object over the target's (and a draft's) layers."""
+
+    strategy: object
+    num_speculations: int
+    device: torch.device
+
+    def generate(self, prompt, *, max_new_tokens, sampler, eos_ids, stop, seed) -> Generation:
+        from skipbench.decoding.loop import generate
+
+        return generate(self.strategy, prompt, max_new_tokens=max_new_tokens,
+                        num_speculations=self.num_speculations, sampler=sampler, eos_ids=eos_ids,
+                        device=self.device, stop=stop)
+
+
+def _native(kind: str) -> Callable[[Cell, LoadedModel, LoadedModel | None], Decoder]:
+    def build(cell: Cell, target: LoadedModel, draft: LoadedModel | None) -> Decoder:
+        from skipbench.decoding.autoregressive import Autoregressive
+        from skipbench.decoding.layers import DecoderStack
+        from skipbench.decoding.self_speculative import SelfSpeculative
+        from skipbench.decoding.speculative import TwoModel
+
+        stack = DecoderStack(target.model)  # refuses architectures the engine cannot drive
+        if kind == "exit":
+            strategy = SelfSpeculative(stack, cell.exit_layer)
+        elif kind == "draft_model":
+            strategy = TwoModel(stack, DecoderStack(draft.model))
+        else:
+            strategy = Autoregressive(stack)
+        return NativeDecoder(strategy, cell.num_speculations or 0, target.model.device)
+
+    return build
+
+
+# --------------------------------------------------------------------------- transformers generate()
+
+
+@dataclass
+class HfDecoder:
+    target: torch.nn.Module
+    draft: torch.nn.Module | None
+    exit_layer: int | None
+    num_speculations: int
+    static_cache: bool
+
+    def generate(self, prompt, *, max_new_tokens, sampler, eos_ids, stop, seed) -> Generation:
+        from skipbench.hf import generate_hf
+
+        return generate_hf(self.target, prompt, max_new_tokens=max_new_tokens, sampler=sampler, eos_ids=eos_ids,
+                           device=self.target.device, exit_layer=self.exit_layer, draft=self.draft,
+                           num_speculations=self.num_speculations, seed=seed, static_cache=self.static_cache,
+                           stop=stop)
+
+
+def _hf(static_cache: bool = False) -> Callable[[Cell, LoadedModel, LoadedModel | None], Decoder]:
+    def build(cell: Cell, target: LoadedModel, draft: LoadedModel | None) -> Decoder:
+        if cell.exit_layer is not None:
+            from skipbench.hf import check_early_exit
+
+            check_early_exit(target.model)
+        return HfDecoder(target.model, draft.model if draft else None, cell.exit_layer, cell.num_speculations or 0,
+                         static_cache)
+
+    return build
+
+
+register(Method("autoregressive", "native", "AR", "the full model, one token per step (skipbench's engine)",
+                drafter=None, draft_cache=None, build=_native("none")))
+register(Method("speculative", "native", "2-model", "a separate draft model proposes K tokens, the target verifies",
+                drafter="draft_model", draft_cache="draft_model", build=_native("draft_model")))
+register(Method("self_speculative", "native", "self", "layers < E draft K tokens; shared KV and exit-query cache",
+                drafter="exit", draft_cache=None, build=_native("exit")))
+register(Method("autoregressive", "hf", "AR", "transformers generate()", drafter=None, draft_cache=None, build=_hf()))
+register(Method("speculative", "hf", "2-model", "transformers generate(assistant_model=D)",
+                drafter="draft_model", draft_cache="draft_model", build=_hf()))
+register(Method("self_speculative", "hf", "self", "transformers generate(assistant_early_exit=E): shares weights only",
+                drafter="exit", draft_cache="exit_layers", build=_hf()))
+register(Method("autoregressive", "hf_static", "AR", "transformers generate() with a static, compiled cache",
+                drafter=None, draft_cache=None, build=_hf(static_cache=True)))

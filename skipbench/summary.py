@@ -1,0 +1,295 @@
+"""A run's raw rows -> one summary row per cell: speed with intervals, counts, costs (see METRICS).
+
+Counts and tokens are the same in every repeat of a prompt (checked when measured), so they are taken
+from each prompt's first row; times use every row. Speedups pair each cell row with the baseline row of
+the same prompt and round, and carry a bootstrap interval over prompts x repeats (`intervals`).
+
+`load_summary(run_dir)` is what tables, plots and compare read; nothing downstream looks at raw rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from skipbench import costs, intervals
+from skipbench.spec import Cell
+from skipbench.store import RunStore
+
+IDENTITY = ["strategy", "exit_layer", "num_speculations", "draft_model", "backend", "replica"]
+# A speedup interval wider than this (half-width over the point) cannot rank neighbouring cells of a
+# grid, which differ by a few percent; such cells are flagged as noisy.
+NOISY = 0.10
+
+
+def first_difference(tokens: list[int], reference: list[int]) -> int:
+    """Index of the first differing token; -1 when equal."""
+    for index, (a, b) in enumerate(zip(tokens, reference, strict=False)):
+        if a != b:
+            return index
+    return -1 if len(tokens) == len(reference) else min(len(tokens), len(reference))
+
+
+def accept_by_position(first_rows: pd.DataFrame) -> list[float]:
+    """For draft position i: the fraction of steps that drafted >= i+1 tokens and kept the first i+1."""
+    if first_rows.empty:
+        return []
+    drafted = np.concatenate([np.asarray(v, dtype=int) for v in first_rows["step_drafted"]])
+    accepted = np.concatenate([np.asarray(v, dtype=int) for v in first_rows["step_accepted"]])
+    if drafted.size == 0 or drafted.max(initial=0) == 0:
+        return []
+    return [float((accepted[drafted > i] > i).mean()) for i in range(int(drafted.max()))]
+
+
+def rounds_of(*frames: pd.DataFrame) -> list[tuple[int, int]]:
+    """The timed rounds of some cells' rows, as (group, round): rounds are numbered within each group."""
+    return sorted({(int(g), int(r)) for frame in frames for g, r in zip(frame["group"], frame["round"], strict=True)})
+
+
+def units(rows: pd.DataFrame, numerator: str, denominator: str, prompts: list[int],
+          rounds: list[tuple[int, int]]) -> intervals.Units:
+    """(prompt x round) tables of two columns; NaN where the cell has no row. Column r of two cells' tables
+    holds what they measured in the same round of the same group: the unit a speedup pairs."""
+    out = []
+    for column in (numerator, denominator):
+        table = np.full((len(prompts), len(rounds)), np.nan)
+        where = {key: index for index, key in enumerate(rounds)}
+        row_of = {prompt: index for index, prompt in enumerate(prompts)}
+        for prompt, group, round_index, value in zip(rows["prompt_index"], rows["group"], rows["round"], rows[column],
+                                                     strict=True):
+            slot = where.get((int(group), int(round_index)))
+            if slot is not None and int(prompt) in row_of:
+                table[row_of[int(prompt)], slot] = value
+        out.append(table)
+    return intervals.Units(*out)
+
+
+def _first_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows.sort_values(["prompt_index", "round"]).drop_duplicates("prompt_index")
+
+
+def _cell_stats(rows: pd.DataFrame) -> dict:
+    first = _first_rows(rows)
+    repeats = rows.groupby("prompt_index").size()
+    new_tokens = int(first["new_tokens"].sum())
+    ended_on_eos = int((first["stop_reason"] == "eos").sum())
+    drafted, accepted, steps = (int(first[name].sum()) for name in ("drafted", "accepted", "verify_steps"))
+    per_sample = (first["accepted"] / first["drafted"]).where(first["drafted"] > 0)
+    prompts = sorted(int(i) for i in first["prompt_index"])
+    speed = units(rows, "new_tokens", "time_s", prompts, rounds_of(rows))
+    tokens_per_s, low, high = intervals.ratio(speed.packed())
+    time_per_prompt = rows.groupby("prompt_index")["time_s"].mean()
+    stats = {
+        "prompts": len(first),
+        "repeats": int(repeats.min()),
+        "new_tokens": new_tokens,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_low": low,
+        "tokens_per_s_high": high,
+        "time_per_token_s": 1.0 / tokens_per_s if tokens_per_s else float("nan"),
+        "time_per_input_s": float(time_per_prompt.mean()),
+        "prefill_share": float(rows["prefill_s"].sum() / rows["time_s"].sum()) if rows["time_s"].sum() else np.nan,
+        "drafted": drafted,
+        "accepted": accepted,
+        "acceptance_rate": accepted / drafted if drafted else float("nan"),
+        "acceptance_rate_per_sample": float(per_sample.mean()),
+        "verify_steps": steps,
+        # An EOS ends a generation as the step's output: counted here, so autoregressive stays at 1.0.
+        "tokens_per_step": (new_tokens + ended_on_eos) / steps if steps else float("nan"),
+        "accept_by_position": accept_by_position(first),
+        "peak_mem_bytes": rows["peak_mem_bytes"].max() if "peak_mem_bytes" in rows else None,
+    }
+    stats |= {name: float(first[name].mean()) for name in rows.columns if name.startswith("quality_")}
+    return stats
+
+
+def baseline_of(cell: Cell, cells: list[Cell]) -> Cell | None:
+    """The autoregressive cell a cell's speedup divides by: its own backend's, else the native engine's."""
+    baselines = [other for other in cells if not other.method.speculates and not other.replica]
+    same = [other for other in baselines if other.backend == cell.backend]
+    native = [other for other in baselines if other.backend == "native"]
+    chosen = same or native or baselines
+    return chosen[0] if chosen else None
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell, in the frame's order: speed (with intervals), counts, quality, speedup, lossless."""
+    if frame.empty:
+        return pd.DataFrame()
+    groups = {key: rows for key, rows in frame.groupby("cell_key", sort=False)}
+    cells = {key: Cell.from_record(rows.iloc[0]) for key, rows in groups.items()}
+    records = []
+    for key, rows in groups.items():
+        cell = cells[key]
+        record = {"cell_key": key, "cell_label": cell.label(), **dict(zip(IDENTITY, cell.identity(), strict=True))}
+        record |= _cell_stats(rows)
+        base = baseline_of(cell, list(cells.values()))
+        base_key = next((k for k, c in cells.items() if c == base), None)
+        record |= _versus_baseline(rows, groups.get(base_key))
+        record["warnings"] = _warnings(record)
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def _versus_baseline(rows: pd.DataFrame, baseline: pd.DataFrame | None) -> dict:
+    """Speedup (paired by prompt and round, with its interval) and losslessness against the baseline."""
+    if baseline is None:
+        return {"speedup": np.nan, "speedup_low": np.nan, "speedup_high": np.nan, "lossless": np.nan}
+    prompts = sorted(int(i) for i in rows["prompt_index"].unique())
+    rounds = rounds_of(rows, baseline)
+    cell_units = units(rows, "time_s", "new_tokens", prompts, rounds)
+    base_units = units(baseline, "time_s", "new_tokens", prompts, rounds)
+    speedup, low, high = intervals.speedup(cell_units, base_units)
+    reference = {int(r.prompt_index): list(r.tokens) for r in _first_rows(baseline).itertuples()}
+    same = [first_difference(list(r.tokens), reference[int(r.prompt_index)]) == -1
+            for r in _first_rows(rows).itertuples() if int(r.prompt_index) in reference]
+    return {"speedup": speedup, "speedup_low": low, "speedup_high": high,
+            "lossless": sum(same) / len(same) if same else np.nan}
+
+
+def _warnings(record: dict) -> list[str]:
+    found = []
+    speedup, steps = record["speedup"], record["tokens_per_step"]
+    if speedup == speedup and steps == steps and speedup > steps * 1.0001:
+        found.append(f"impossible: speedup {speedup:.2f}x exceeds its {steps:.2f} tokens per step (each step runs "
+                     f"the full model at least once): the baseline was timed under other load")
+    low, high = record["speedup_low"], record["speedup_high"]
+    if low == low and speedup and (high - low) / 2 / speedup > NOISY:
+        found.append(f"noisy: speedup interval [{low:.2f}, {high:.2f}] is wider than +-{NOISY:.0%}; add --repeats "
+                     f"or prompts, or measure on a quieter machine")
+    return found
+
+
+# --------------------------------------------------------------------------- costs
+
+
+def bytes_per_param(manifest: dict) -> int:
+    """Bytes per weight of the run, from the dtype the models were loaded in (provenance)."""
+    dtype = (manifest.get("provenance") or {}).get("dtype") or (manifest.get("setup") or {}).get("dtype")
+    return costs.dtype_bytes(dtype if dtype not in (None, "auto") else None)
+
+
+def model_shapes(manifest: dict) -> tuple[costs.ModelShape | None, dict[str, costs.ModelShape]]:
+    """The target's shape and each draft model's, or None where a config is missing or not a Llama."""
+    per_param = bytes_per_param(manifest)
+    models = manifest.get("models") or {}
+
+    def shape(info: dict | None) -> costs.ModelShape | None:
+        config = (info or {}).get("config")
+        if not config:
+            return None
+        try:
+            return costs.ModelShape.from_config(config, bytes_per_param=per_param)
+        except (TypeError, ValueError, KeyError):
+            return None
+
+    drafts = {name: s for name, info in (models.get("drafts") or {}).items() if (s := shape(info)) is not None}
+    return shape(models.get("target")), drafts
+
+
+def _cost_columns(rows: pd.DataFrame, cell: Cell, shape: costs.ModelShape, draft: costs.ModelShape | None,
+                  peaks: tuple[float | None, float | None]) -> dict:
+    first = _first_rows(rows)
+    passes = costs.pass_table(first)
+    shapes = {"target": shape} | ({"draft": draft} if draft is not None else {})
+    found = costs.costs_of_passes(passes, shapes, peak_bandwidth=peaks[0], peak_flops=peaks[1])
+    new_tokens = float(first["new_tokens"].sum())
+    seconds = float(rows.groupby("prompt_index")["time_s"].mean().sum())  # one pass over the prompts
+    record = {}
+    for unit, split in (("flops", found.flops), ("bytes", found.bytes)):
+        record[f"{unit}_total"] = split["total"]
+        record[f"{unit}_per_token"] = split["total"] / new_tokens if new_tokens else np.nan
+        for phase in ("prefill", "draft", "verify", "wasted"):
+            record[f"{unit}_{phase}_per_token"] = split[phase] / new_tokens if new_tokens else np.nan
+            if phase != "prefill":
+                record[f"{unit}_{phase}_share"] = split[phase] / split["total"] if split["total"] else np.nan
+    record["model_seconds_per_token"] = found.seconds / new_tokens if found.seconds and new_tokens else np.nan
+    method = cell.method
+    record["params_resident"] = costs.params_resident(shape, draft if method.separate_draft_model else None)
+    kv = costs.kv_cache_bytes(shape, costs.final_cache_tokens(passes, "target", shape.layers))
+    if method.draft_cache == "draft_model" and draft is not None:
+        kv += costs.kv_cache_bytes(draft, costs.final_cache_tokens(passes, "draft"))
+    elif method.draft_cache == "exit_layers":
+        kv += costs.kv_cache_bytes(shape, costs.final_cache_tokens(passes, "target", cell.exit_layer),
+                                   cell.exit_layer)
+    record["kv_cache_bytes"] = kv / max(len(first), 1)
+    record["achieved_bytes_per_s"] = found.bytes["total"] / seconds if seconds else np.nan
+    record["achieved_flops_per_s"] = found.flops["total"] / seconds if seconds else np.nan
+    return record
+
+
+def add_costs(summary: pd.DataFrame, frame: pd.DataFrame, manifest: dict, *, peak_bandwidth: float | None = None,
+              peak_flops: float | None = None) -> pd.DataFrame:
+    """The summary with the analytical cost columns of what each cell's generations ran.
+
+    Per-token figures are totals over the cell's prompts (one repeat; counts are the same in each) divided
+    by Σ new tokens, prefill included. ``predicted_speedup`` is the baseline's bytes per token over the
+    cell's (batch-1 decoding reads weights: a bandwidth-bound time model), ``predicted_speedup_flops`` the
+    same with FLOPs, and with both peaks ``predicted_speedup_time`` uses Σ max(bytes / bandwidth, FLOPs /
+    matmul rate) per pass, which knows a verify block can be compute-bound. ``measured_over_predicted``
+    divides the measured speedup by the most informed prediction available.
+    """
+    shape, drafts = model_shapes(manifest)
+    if summary.empty or shape is None:
+        return summary
+    groups = {key: rows for key, rows in frame.groupby("cell_key", sort=False)}
+    records = []
+    for row in summary.to_dict("records"):
+        cell = Cell.from_record(row)
+        draft = drafts.get(cell.draft_model) if cell.draft_model else None
+        if cell.method.separate_draft_model and draft is None:
+            records.append({})
+            continue
+        records.append(_cost_columns(groups[row["cell_key"]], cell, shape, draft, (peak_bandwidth, peak_flops)))
+    summary = pd.concat([summary.reset_index(drop=True), pd.DataFrame(records)], axis=1)
+    cells = [Cell.from_record(row) for row in summary.to_dict("records")]
+    for name, column in (("predicted_speedup", "bytes_per_token"), ("predicted_speedup_flops", "flops_per_token"),
+                         ("predicted_speedup_time", "model_seconds_per_token")):
+        values = []
+        for cell, own in zip(cells, summary.get(column, pd.Series(np.nan, index=summary.index)), strict=True):
+            base = baseline_of(cell, cells)
+            base_value = summary.loc[cells.index(base), column] if base is not None and column in summary else np.nan
+            values.append(base_value / own if own and own == own else np.nan)
+        summary[name] = values
+    best = summary["predicted_speedup_time"].where(summary["predicted_speedup_time"].notna(),
+                                                   summary["predicted_speedup"])
+    summary["measured_over_predicted"] = summary["speedup"] / best
+    summary["bandwidth_fraction"] = summary["achieved_bytes_per_s"] / peak_bandwidth if peak_bandwidth else np.nan
+    summary["compute_fraction"] = summary["achieved_flops_per_s"] / peak_flops if peak_flops else np.nan
+    return summary
+
+
+def in_manifest_order(summary: pd.DataFrame, manifest: dict) -> pd.DataFrame:
+    """Cells in the order the run lists them (the baseline first), unlisted ones after."""
+    order = {}
+    for position, cell in enumerate(manifest.get("cells") or []):
+        order.setdefault(Cell.from_record(cell).identity(), position)
+    rank = [order.get(Cell.from_record(row).identity(), len(order)) for row in summary.to_dict("records")]
+    return summary.assign(_rank=rank).sort_values("_rank", kind="stable").drop(columns="_rank").reset_index(drop=True)
+
+
+def load_summary(run_dir: Path | str, *, peak_bandwidth: float | None = None,
+                 peak_flops: float | None = None) -> tuple[pd.DataFrame, dict]:
+    """(per-cell summary with cost columns, manifest) of a run directory; lossless is nan when sampled."""
+    store = RunStore(run_dir)
+    manifest = store.read_manifest()
+    frame = complete_cells(store.read_cells(), (manifest.get("prompts") or {}).get("prompts"))
+    summary = summarize(frame)
+    if summary.empty:
+        return summary, manifest
+    summary = in_manifest_order(summary, manifest)
+    if (manifest.get("setup") or {}).get("sample"):
+        summary["lossless"] = np.nan
+    summary = add_costs(summary, frame, manifest, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops)
+    summary.attrs["problems"] = store.problems
+    return summary, manifest
+
+
+def complete_cells(frame: pd.DataFrame, prompts: int | None) -> pd.DataFrame:
+    """Only cells that measured every prompt at least once (a partial cell would compare other prompts)."""
+    if frame.empty or prompts is None:
+        return frame
+    covered = frame.groupby("cell_key")["prompt_index"].nunique()
+    return frame[frame["cell_key"].isin(covered[covered >= prompts].index)]

@@ -1,0 +1,97 @@
+"""Tables and plots of a run: intervals printed, the best cell marked only when clear, files that parse."""
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from skipbench.plots import overlay
+from skipbench.spec import Cell, Setup, with_baseline
+from skipbench.summary import load_summary
+from skipbench.sweep import execute
+from skipbench.tables import best_cells, grid_table, to_latex, to_markdown, with_interval, write_report
+
+
+def grid(values, lows, highs):
+    rows = []
+    for (exit_layer, k), value, low, high in zip([(1, 2), (1, 4), (2, 2), (2, 4)], values, lows, highs, strict=True):
+        rows.append({"exit_layer": exit_layer, "num_speculations": k, "speedup": value, "speedup_low": low,
+                     "speedup_high": high, "acceptance_rate": value / 4})
+    return pd.DataFrame(rows)
+
+
+def test_the_best_cell_is_marked_only_when_its_interval_clears_the_runner_up():
+    clear = grid([1.1, 1.2, 1.5, 1.3], [1.0, 1.1, 1.45, 1.2], [1.2, 1.3, 1.55, 1.4])
+    assert best_cells(clear, "speedup") == ({2}, True)
+    text, numbers, note = grid_table(clear, "speedup")
+    assert text.loc[1, "K=2"] == "**1.50x [1.45, 1.55]**" and "clear" in note
+    assert numbers.loc[1, "K=2"] == 1.5
+    tied = grid([1.1, 1.2, 1.5, 1.45], [1.0, 1.1, 1.4, 1.3], [1.2, 1.3, 1.6, 1.52])
+    assert best_cells(tied, "speedup") == ({2, 3}, False)
+    text, _, note = grid_table(tied, "speedup")
+    assert text.loc[1, "K=2"].startswith("**~1.50x") and text.loc[1, "K=4"].startswith("**~1.45x")
+    assert text.loc[0, "K=4"] == "1.20x [1.10, 1.30]" and "2 cells tied" in note
+
+
+def test_intervals_are_printed_with_every_speed():
+    assert with_interval(1.444, 1.381, 1.512) == "1.44x [1.38, 1.51]"
+    assert with_interval(12.34, np.nan, np.nan, "{:.1f}") == "12.3"
+    assert with_interval(np.nan, 1, 2) == "-"
+
+
+def test_markdown_and_latex_escape_and_keep_every_row():
+    text = pd.DataFrame({"a|b": ["x|y", "**bold**"], "c_d": ["50%", "#1"]})
+    md = to_markdown(text, ["note with | pipe"])
+    assert md.count("\n|") == 3 and "x\\|y" in md and "a\\|b" in md and "_note with / pipe_" in md
+    tex = to_latex(text, ["100% sure"], caption="cap_tion")
+    assert r"\textbf{bold}" in tex and r"50\%" in tex and r"\#1" in tex and r"c\_d" in tex and r"100\% sure" in tex
+    body = [line for line in tex.splitlines() if line.endswith(r"\\") and "&" in line]
+    assert len(body) == 3 and all(line.count("&") == 1 for line in body)
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    setup = Setup(model="synthetic:tiny?agree=2", prompts=("hello", "world wide", "abc"), max_new_tokens=12,
+                  warmup=0, repeats=2, threads=1)
+    cells = with_baseline([Cell("self_speculative", e, k) for e in (1, 2) for k in (2, 4)]
+                          + [Cell("speculative", None, 4, "synthetic:tiny?agree=2&layers=2")])
+    root = execute(setup, cells, tmp_path_factory.mktemp("real") / "run").root
+    return root, write_report(root)
+
+
+def test_report_files_parse_and_hold_the_summary(real_run):
+    root, files = real_run
+    summary, manifest = load_summary(root)
+    names = {path.name for path in files}
+    for stem in ("efficiency", "grid_speedup_native", "grid_acceptance_native"):
+        assert {f"{stem}.md", f"{stem}.tex", f"{stem}.csv"} <= names
+    efficiency = pd.read_csv(root / "tables" / "efficiency.csv")
+    assert efficiency["speedup vs autoregressive"].tolist() == pytest.approx(summary["speedup"].tolist())
+    assert efficiency["speedup low"].tolist() == pytest.approx(summary["speedup_low"].tolist(), nan_ok=True)
+    md = (root / "tables" / "efficiency.md").read_text()
+    assert md.count("\n|") == len(summary) + 1  # header rule + one line per cell (the header starts the file)
+    speedups = re.findall(r"(\d+\.\d\d)x \[(\d+\.\d\d), (\d+\.\d\d)\]", md)
+    assert len(speedups) >= len(summary) - 1  # the baseline's own interval collapses to 1.00x [1.00, 1.00]
+    prompt_hash = manifest["prompts"]["prompt_set_hash"]
+    for path in files:
+        if path.suffix in (".md", ".tex"):
+            assert prompt_hash in path.read_text(), path  # provenance under every table
+    grid_csv = pd.read_csv(root / "tables" / "grid_speedup_native.csv")
+    assert grid_csv["exit layer"].tolist() == [1, 2] and list(grid_csv.columns) == ["exit layer", "K=2", "K=4"]
+    summary_csv = pd.read_csv(root / "tables" / "summary.csv")
+    assert summary_csv["tokens_per_s"].tolist() == pytest.approx(summary["tokens_per_s"].tolist())
+
+
+def test_plots_are_written_as_images(real_run, tmp_path):
+    root, files = real_run
+    pngs = [path for path in files if path.suffix == ".png"]
+    assert {path.stem for path in pngs} >= {"tokens_per_s_vs_exit", "speedup_by_cell", "heatmap_speedup_native",
+                                            "heatmap_acceptance_native", "acceptance_by_position"}
+    for path in pngs:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    summary, _ = load_summary(root)
+    written = overlay([summary, summary], ["a", "b"], tmp_path / "overlay.png")
+    assert [path.suffix for path in written] == [".png", ".pdf"]
+    with pytest.raises(ValueError, match="labels"):
+        overlay([summary, summary], ["one"], tmp_path / "x")
