@@ -4,12 +4,32 @@ Exit codes: 0 done; 1 a regression (compare); 2 a user error (one line, no trace
 finished but some cells failed (listed with their errors); 130 interrupted (finished work is kept).
 User text (model names, prompts, errors) is never read as rich markup.
 """
+# ruff: noqa: E402 - Ctrl-C is taken over before the slow imports (torch), so it never shows a traceback
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
+
+
+def _interrupted_at_start(signum, frame) -> None:
+    """Ctrl-C while skipbench starts (imports, parsing) or after its work is stored: nothing to keep, so
+    leave at once, without the traceback a KeyboardInterrupt inside an import would print."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.write("interrupted\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(130)
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) in ("skipbench", "skipbench.exe"):
+    signal.signal(signal.SIGINT, _interrupted_at_start)
+
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,34 +51,85 @@ out = Console(highlight=False)
 EXIT_REGRESSION, EXIT_USER_ERROR, EXIT_CELLS_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
+# Libraries whose warnings and progress bars would bury skipbench's tables (its own warnings are printed lines).
+QUIET_LIBRARIES = r"(torch|transformers|huggingface_hub|accelerate|datasets|tokenizers|safetensors|gguf)(\.|$)"
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' advice, deprecation notes and progress bars; skipbench's own lines stay."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", module=QUIET_LIBRARIES)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if "transformers" in sys.modules:  # imported before the environment could tell it
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+
+
 @app.callback()
 def _commands() -> None:
     """Benchmark autoregressive, two-model speculative and LayerSkip self-speculative decoding."""
+    quiet_libraries()
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}")
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # one line, however long
     raise typer.Exit(code)
 
 
+def _on_sigint(handler):
+    """Install a SIGINT handler (only the main thread can); return the one it replaces."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
+
+
 class handled:
-    """The user's errors as one red line and exit code 2; Ctrl-C as exit code 130."""
+    """The user's errors as one red line and exit code 2; Ctrl-C as exit code 130 with how to resume.
+
+    A Ctrl-C that lands inside an import may surface as another error (a library turns it into an
+    ImportError): a SIGINT seen during the block counts as the interruption, whatever was raised."""
+
+    def __init__(self, force: bool = False):
+        self.force = force
+        self.interrupted = False
+        self.previous = None
+
+    def _interrupt(self, signum, frame):
+        self.interrupted = True
+        raise KeyboardInterrupt
 
     def __enter__(self):
+        self.previous = _on_sigint(self._interrupt)
         return self
 
     def __exit__(self, kind, error, traceback):
+        if self.previous is not None:
+            _on_sigint(self.previous)
         if kind is None:
             return False
-        if issubclass(kind, KeyboardInterrupt):
-            console.print("[yellow]interrupted[/]: finished work is kept; rerun the same command to resume")
+        if issubclass(kind, KeyboardInterrupt) or self.interrupted:
+            again = "the same command without --force" if self.force else "the same command"
+            console.print(f"[yellow]interrupted[/]: finished work is kept; rerun {again} to resume", soft_wrap=True)
             raise typer.Exit(EXIT_INTERRUPTED)
-        if issubclass(kind, UserError | FileNotFoundError):
+        if issubclass(kind, UserError):
             text = str(error).strip()
             fail(text.splitlines()[0] if text else kind.__name__)
-        if issubclass(kind, OSError) and error.filename:  # read-only directory, full disk, ...
-            fail(f"cannot use {error.filename}: {error.strerror or error}")
+        if issubclass(kind, OSError):
+            if error.filename:  # read-only directory, full disk, a missing file, ...
+                fail(f"cannot use {error.filename}: {error.strerror or error}")
+            if isinstance(error, FileNotFoundError) or error.errno in USER_ERRNOS:
+                text = str(error).strip()
+                fail(text.splitlines()[0] if text else kind.__name__)
         return False
+
+
+USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT}
 
 
 # --------------------------------------------------------------------------- progress
@@ -121,11 +192,11 @@ class RichProgress:
             self.note(f"  {cell.label()}: {status}")
 
     def note(self, text: str) -> None:
-        (self.bar.console if self.live else console).print(escape(text))
+        (self.bar.console if self.live else console).print(escape(text), soft_wrap=True)
 
     def _line(self, text: str) -> None:
         self.last_line = time.perf_counter()
-        console.print(escape(f"[{time.perf_counter() - self.began:6.0f} s] {text}"))
+        console.print(escape(f"[{time.perf_counter() - self.began:6.0f} s] {text}"), soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- printing a run
@@ -170,9 +241,9 @@ def print_summary(store) -> None:
         out.print(escape(f"d{index + 1}: draft model {name}"))
     for row in summary.to_dict("records"):
         for warning in row["warnings"]:
-            out.print(f"[yellow]warning[/] {escape(row['cell_label'])}: {escape(warning)}")
+            out.print(f"[yellow]warning[/] {escape(row['cell_label'])}: {escape(warning)}", soft_wrap=True)
     for error in store.errors():
-        out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}")
+        out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- options shared by run and sweep
@@ -218,11 +289,13 @@ def setup_options(**options) -> dict:
     return options
 
 
-def measure_and_print(setup: spec.Setup, cells: list, target: Path, force: bool, report: bool):
-    from skipbench.sweep import execute
+def measure_and_print(setup: spec.Setup, cells: list, target: Path, force: bool, report: bool,
+                      command: str = "sweep"):
+    from skipbench.sweep import check_plan, execute
     from skipbench.tables import write_report
 
-    console.print(escape(f"sweep: {len(cells)} cells of {setup.model} -> {target}"))
+    check_plan(setup, cells)  # a typo is one line, before anything else is printed
+    console.print(escape(f"{command}: {len(cells)} cell(s) of {setup.model} -> {target}"), soft_wrap=True)
     with RichProgress() as progress:
         store = execute(setup, cells, target, force=force, progress=progress)
     print_summary(store)
@@ -251,11 +324,12 @@ def allow_execution(setup: spec.Setup, command_line: bool | None, uncontained: b
     return replace(setup, execute_code=True, execute_uncontained=reason is not None)
 
 
-def finish(stores: list) -> None:
+def finish(stores: list, force: bool = False) -> None:
     """Exit 3 when any cell of the sweep failed (after everything else finished)."""
     failed = [error for store in stores for error in store.errors()]
     if failed:
-        console.print(f"[red]{len(failed)} cell(s) failed[/]; rerun the same command to retry them")
+        again = "the same command without --force" if force else "the same command"
+        console.print(f"[red]{len(failed)} cell(s) failed[/]; rerun {again} to retry only them", soft_wrap=True)
         raise typer.Exit(EXIT_CELLS_FAILED)
 
 
@@ -284,10 +358,10 @@ def run(
     execute_code_uncontained: bool = UncontainedOpt,
 ) -> None:
     """Decode a prompt set with one strategy (and the autoregressive baseline) and store the records."""
-    from skipbench.models import num_layers_of
+    from skipbench.models import num_layers_of, pretrained_config
     from skipbench.sweep import run_dir_name
 
-    with handled():
+    with handled(force):
         given = setup_options(model=model, prompt=prompt, dataset=dataset, num_samples=num_samples, seed=seed,
                               n_shot=n_shot, template=template, max_prompt_tokens=max_prompt_tokens,
                               prompt_policy=prompt_policy, data_dir=data_dir, max_new_tokens=max_new_tokens,
@@ -303,13 +377,15 @@ def run(
             num_speculations = 4
         if method.drafter == "exit" and exit_layer is None:
             layers = num_layers_of(setup.model)
+            if layers is None and not setup.model.startswith("synthetic:"):  # a Hub id: its config says
+                layers = getattr(pretrained_config(setup.model), "num_hidden_layers", None)
             exit_layer = max(1, layers // 4) if layers else None
         cell = spec.Cell(strategy, exit_layer, num_speculations, draft_model, backend)
         # Speedup and losslessness need the baseline on the same prompts: speculative runs add it.
         cells = spec.with_baseline([cell]) if method.speculates and not no_baseline else [cell]
         target = out_dir or run_dir_name(setup, cells, "run")
-        store = measure_and_print(setup, cells, target, force, report=False)
-    finish([store])
+        store = measure_and_print(setup, cells, target, force, report=False, command="run")
+    finish([store], force)
 
 
 # `skipbench sweep` with no arguments: a real sweep on the offline default model, a few minutes on 2 CPU cores.
@@ -344,7 +420,7 @@ def sweep(
     """Sweep exit layers, draft lengths and draft models; the autoregressive baseline is always included."""
     from skipbench import sweep as sweeping
 
-    with handled():
+    with handled(force):
         given = setup_options(model=model, prompt=prompt, dataset=list(dataset) if dataset else None,
                               num_samples=num_samples, seed=seed, n_shot=n_shot, template=template,
                               max_prompt_tokens=max_prompt_tokens, prompt_policy=prompt_policy, data_dir=data_dir,
@@ -364,7 +440,7 @@ def sweep(
         for file in outcome.files:
             out.print(escape(f"wrote {file}"))
         console.print(escape(f"sweep done in {sweeping.elapsed(began)}"))
-    finish(outcome.stores)
+    finish(outcome.stores, force)
 
 
 @app.command()
@@ -475,8 +551,8 @@ def run_train(config) -> None:
             bar.update(task, completed=step, total=total, stats=f"loss {loss:.3f}  {tokens_per_s:,.0f} tok/s")
 
         result = run_training(config, progress=progress)
-    table = Table(title=f"{config.recipe} recipe: held-out loss {result.held_out_loss:.3f} after {result.steps} "
-                        f"steps ({result.seconds:.0f} s)")
+    table = Table(title=escape(f"{config.recipe} recipe: held-out loss {result.held_out_loss:.3f} after "
+                               f"{result.steps} steps ({result.seconds:.0f} s)"))
     for name in ("after layer", "top-1 agreement with the final layer", "held-out loss"):
         table.add_column(name, justify="right")
     for layer, agreement in result.agreement_by_layer.items():
@@ -513,6 +589,9 @@ def report(
     with handled():
         store = RunStore(run_dir)
         store.read_manifest()  # one clear line when this is not a run directory
+        store.read_cells()  # damaged cell files are set aside here, each with one warning line
+        for problem in store.problems:
+            console.print(f"[yellow]warning[/]: {escape(problem)}; rerun its sweep to recompute it", soft_wrap=True)
         if not store.has_cells():
             raise UserError(f"{run_dir} holds no finished cells yet: run or resume its sweep first")
         runs = [run_dir, *(overlay or [])]
@@ -543,7 +622,7 @@ def compare(
         comparison = compare_runs(base_dir, new_dir, max_slowdown=parse_fraction(max_slowdown),
                                   max_acceptance_drop=max_acceptance_drop, max_quality_drop=max_quality_drop,
                                   allow_missing=allow_missing)
-    out.print(format_comparison(comparison))
+    out.print(format_comparison(_escaped(comparison)))
     for problem in comparison.problems:
         out.print(f"[red]regression[/]: {escape(problem)}")
     if not comparison.ok:
@@ -551,9 +630,20 @@ def compare(
     out.print("[green]no regression[/]")
 
 
+def _escaped(comparison):
+    """The comparison with its user text (cell labels name draft models, run paths) escaped for rich."""
+    rows = comparison.rows.copy()
+    for column in ("cell", "reason"):
+        if column in rows:
+            rows[column] = [escape(value) if isinstance(value, str) else value for value in rows[column]]
+    return replace(comparison, rows=rows, base_dir=Path(escape(str(comparison.base_dir))),
+                   new_dir=Path(escape(str(comparison.new_dir))), notes=[escape(n) for n in comparison.notes])
+
+
 def main() -> None:
-    # transformers is imported lazily by the commands; its advisory warnings would bury the tables.
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # Before transformers is imported (lazily, by the commands): its warnings would bury the tables.
+    quiet_libraries()
+    _on_sigint(_interrupted_at_start)  # until a command's own handling is in place
     try:
         app()
     except KeyboardInterrupt:  # before a command's own handler is in place (imports, parsing)

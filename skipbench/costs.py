@@ -161,12 +161,14 @@ class ModelShape:
 # Every function here is plain arithmetic, so it takes ints or numpy arrays of passes alike.
 
 
-def layer_flops(shape: ModelShape, positions, context):
-    """FLOPs of one decoder layer over ``positions`` new tokens with ``context`` cached."""
+def layer_flops(shape: ModelShape, positions, context, window=None):
+    """FLOPs of one decoder layer over ``positions`` new tokens with ``context`` cached; ``window``: the keys
+    each query is scored against (default context + positions; a static cache scores all its capacity)."""
     n, h = positions, shape.hidden
+    keys = context + n if window is None else window
     projections = 2 * n * h * (2 * shape.q_dim + 2 * shape.kv_dim)  # q, o and k, v
-    # Full (c+n)-key window for every query head, QK^T plus AV (see module docstring).
-    attention = 2 * 2 * shape.heads * n * (context + n) * shape.head_dim
+    # Full key window for every query head, QK^T plus AV (see module docstring).
+    attention = 2 * 2 * shape.heads * n * keys * shape.head_dim
     mlp = 2 * n * 3 * h * shape.intermediate
     return projections + attention + mlp
 
@@ -176,25 +178,26 @@ def lm_head_flops(shape: ModelShape, positions):
     return 2 * positions * shape.hidden * shape.vocab
 
 
-def layer_kv_bytes(shape: ModelShape, positions, context):
-    """KV-cache bytes one layer reads (``context + positions``) and writes (``positions``)."""
+def layer_kv_bytes(shape: ModelShape, positions, context, window=None):
+    """KV-cache bytes one layer reads (its key window, default ``context + positions``) and writes
+    (``positions``)."""
     per_position = 2 * shape.kv_dim * shape.bytes_per_param
-    return per_position * ((context + positions) + positions)
+    return per_position * ((context + positions if window is None else window) + positions)
 
 
-def pass_flops(shape: ModelShape, start, end, positions, context, head_positions):
+def pass_flops(shape: ModelShape, start, end, positions, context, head_positions, window=None):
     """FLOPs of layers ``[start, end)`` over ``positions`` tokens at ``context``, plus the head on
     ``head_positions`` of them."""
-    return (end - start) * layer_flops(shape, positions, context) + lm_head_flops(shape, head_positions)
+    return (end - start) * layer_flops(shape, positions, context, window) + lm_head_flops(shape, head_positions)
 
 
-def pass_bytes(shape: ModelShape, start, end, positions, context, head_positions):
+def pass_bytes(shape: ModelShape, start, end, positions, context, head_positions, window=None):
     """Bytes moved by the same pass: its weights read once plus its KV traffic; 0 when nothing runs."""
     p = shape.params()
     # The head matrix is read whether or not it is tied to the embedding.
     head_weights = np.where(np.asarray(head_positions) > 0, p.final_norm + shape.vocab * shape.hidden, 0)
     weights = (end - start) * p.per_layer + head_weights
-    kv = (end - start) * layer_kv_bytes(shape, positions, context)
+    kv = (end - start) * layer_kv_bytes(shape, positions, context, window)
     return np.where(np.asarray(positions) > 0, weights * shape.bytes_per_param + kv, 0)
 
 
@@ -245,7 +248,7 @@ def params_resident(shape: ModelShape, draft_shape: ModelShape | None = None, *,
 # --------------------------------------------------------------------------- recorded passes
 
 PASS_FIELDS = ("phase", "model", "start", "end", "positions", "context", "head_positions", "kept_positions",
-               "kept_head_positions", "step")
+               "kept_head_positions", "step", "window", "kept_window")
 
 
 def pass_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -289,9 +292,10 @@ def costs_of_passes(passes: pd.DataFrame, shapes: Mapping[str, ModelShape], *, p
     for model, part in passes.groupby("model"):
         shape = shapes[model]
         span = part["start"].to_numpy(), part["end"].to_numpy()
-        args = (*span, part["positions"].to_numpy(), part["context"].to_numpy(), part["head_positions"].to_numpy())
+        args = (*span, part["positions"].to_numpy(), part["context"].to_numpy(), part["head_positions"].to_numpy(),
+                part["window"].to_numpy())
         kept = (*span, part["kept_positions"].to_numpy(), part["context"].to_numpy(),
-                part["kept_head_positions"].to_numpy())
+                part["kept_head_positions"].to_numpy(), part["kept_window"].to_numpy())
         pass_f, pass_b = pass_flops(shape, *args).astype(float), pass_bytes(shape, *args).astype(float)
         for phase in PHASES:
             chosen = (part["phase"] == phase).to_numpy()

@@ -74,9 +74,14 @@ def check_early_exit(model: PreTrainedModel) -> None:
     except (OSError, TypeError):
         source = ""
     if "[: self.config.num_hidden_layers]" not in source:
+        from skipbench.decoding.layers import SUPPORTED_MODEL_TYPES
+
         architecture = (model.config.architectures or [type(model).__name__])[0]
+        instead = ("use --backend native" if model.config.model_type in SUPPORTED_MODEL_TYPES else
+                   f"self_speculative needs a {' or '.join(SUPPORTED_MODEL_TYPES)} model (the native engine "
+                   f"cannot drive {model.config.model_type!r} either); autoregressive and speculative run on it")
         raise EngineError(f"{architecture} does not stop at config.num_hidden_layers, so transformers' "
-                          f"assistant_early_exit cannot draft with it; use --backend native or a Llama-family model")
+                          f"assistant_early_exit cannot draft with it: {instead}")
 
 
 class _PassWatcher:
@@ -235,6 +240,11 @@ def _replay(record: Generation, sequence: list[int], steps: list[tuple[Step, int
         for entry in record.passes:
             if entry.step == index:
                 entry.settle(after - 1)  # the cache holds all committed tokens but the step's own last one
+                if entry.phase == "draft":
+                    # transformers crops the drafter's cache one position further and feeds that position
+                    # again in the next step: its first computation is waste.
+                    entry.kept_positions = min(entry.kept_positions, max(0, after - 2 - entry.context))
+                    entry.kept_window = entry.context + entry.kept_positions
         record.steps.append(step)
         if record.emit(sequence[before:after], step.accepted, eos, stop):
             break

@@ -26,6 +26,7 @@ from skipbench.decoding.loop import synchronize
 from skipbench.decoding.record import Generation
 from skipbench.decoding.sampling import Sampler
 from skipbench.errors import UserError
+from skipbench.methods import BuildContext
 from skipbench.models import LoadedModel
 from skipbench.prompts import Prompt, PromptSet
 from skipbench.spec import Cell, Setup
@@ -58,10 +59,10 @@ class CellRunner:
     """Decodes prompts with one cell's method; one per cell, the models loaded once outside."""
 
     def __init__(self, cell: Cell, setup: Setup, target: LoadedModel, draft: LoadedModel | None,
-                 prompt_set: PromptSet):
+                 prompt_set: PromptSet, context: BuildContext):
         self.cell, self.setup, self.target, self.prompt_set = cell, setup, target, prompt_set
         self.device = target.model.device
-        self.decoder = cell.method.build(cell, target, draft)
+        self.decoder = cell.method.build(cell, target, draft, context)
         self.eos = eos_ids(target)
         self.stop = stop_rule(prompt_set, target.tokenizer)
 
@@ -81,6 +82,8 @@ class CellRunner:
                                      seed=self.seed(prompt))
 
     def warm_up(self) -> None:
+        """Compile every shape the cell runs (timed apart, as compile time), then the uncounted generations."""
+        self.decoder.warm()
         for index in range(self.setup.warmup):
             self.generate(self.prompt_set.prompts[index % len(self.prompt_set.prompts)])
 

@@ -11,7 +11,7 @@ A method builds a `Decoder` for one cell from the loaded models; a decoder turns
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -30,6 +30,35 @@ class Decoder(Protocol):
                  stop: Callable[[list[int]], bool] | None, seed: int) -> Generation:
         """Decode one prompt, timed device-synchronised."""
 
+    def warm(self) -> None:
+        """Compile whatever the decoder will run, so no cell's time holds a compilation."""
+
+
+@dataclass
+class BuildContext:
+    """What the cells of a run share when their decoders are built: whether the native engine is compiled,
+    the static cache capacity and compiled shapes that implies, and one engine per model (so a model is
+    compiled once and every cell reuses it)."""
+
+    compile: bool = False
+    capacity: int = 0
+    stacks: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_run(cls, compile: bool, cells: Sequence[Cell], longest_prompt: int, max_new_tokens: int) -> BuildContext:
+        most = max(cell.num_speculations or 0 for cell in cells)
+        return cls(compile, capacity=longest_prompt + max_new_tokens + most + 1)
+
+    def stack(self, loaded: LoadedModel):
+        from skipbench.decoding.layers import DecoderStack
+
+        if loaded.name not in self.stacks:  # refuses architectures the engine cannot drive
+            self.stacks[loaded.name] = DecoderStack(loaded.model, compile=self.compile, capacity=self.capacity)
+        return self.stacks[loaded.name]
+
+    def compile_seconds(self) -> dict[str, float]:
+        return {name: round(stack.compile_seconds, 3) for name, stack in self.stacks.items() if stack.compiled}
+
 
 @dataclass(frozen=True)
 class Method:
@@ -47,7 +76,7 @@ class Method:
     description: str
     drafter: str | None
     draft_cache: str | None
-    build: Callable[[Cell, LoadedModel, LoadedModel | None], Decoder]
+    build: Callable[[Cell, LoadedModel, LoadedModel | None, BuildContext], Decoder]
 
     @property
     def speculates(self) -> bool:
@@ -133,19 +162,29 @@ class NativeDecoder:
                         num_speculations=self.num_speculations, sampler=sampler, eos_ids=eos_ids,
                         device=self.device, stop=stop)
 
+    def warm(self) -> None:
+        from skipbench.decoding.layers import EngineError
 
-def _native(kind: str) -> Callable[[Cell, LoadedModel, LoadedModel | None], Decoder]:
-    def build(cell: Cell, target: LoadedModel, draft: LoadedModel | None) -> Decoder:
+        for stack, role, passes in self.strategy.shapes(self.num_speculations):
+            try:
+                stack.warm(role, passes)
+            except Exception as error:  # a compiler missing or failing: one line, and eager still works
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise EngineError(f"torch.compile failed ({type(error).__name__}: {first[:200]}); run without "
+                                  f"--compile") from error
+
+
+def _native(kind: str) -> Callable[[Cell, LoadedModel, LoadedModel | None, BuildContext], Decoder]:
+    def build(cell: Cell, target: LoadedModel, draft: LoadedModel | None, context: BuildContext) -> Decoder:
         from skipbench.decoding.autoregressive import Autoregressive
-        from skipbench.decoding.layers import DecoderStack
         from skipbench.decoding.self_speculative import SelfSpeculative
         from skipbench.decoding.speculative import TwoModel
 
-        stack = DecoderStack(target.model)  # refuses architectures the engine cannot drive
+        stack = context.stack(target)
         if kind == "exit":
             strategy = SelfSpeculative(stack, cell.exit_layer)
         elif kind == "draft_model":
-            strategy = TwoModel(stack, DecoderStack(draft.model))
+            strategy = TwoModel(stack, context.stack(draft))
         else:
             strategy = Autoregressive(stack)
         return NativeDecoder(strategy, cell.num_speculations or 0, target.model.device)
@@ -172,9 +211,12 @@ class HfDecoder:
                            num_speculations=self.num_speculations, seed=seed, static_cache=self.static_cache,
                            stop=stop)
 
+    def warm(self) -> None:
+        pass  # transformers compiles its static cache path itself, in the cell's uncounted warm-up
 
-def _hf(static_cache: bool = False) -> Callable[[Cell, LoadedModel, LoadedModel | None], Decoder]:
-    def build(cell: Cell, target: LoadedModel, draft: LoadedModel | None) -> Decoder:
+
+def _hf(static_cache: bool = False) -> Callable[[Cell, LoadedModel, LoadedModel | None, BuildContext], Decoder]:
+    def build(cell: Cell, target: LoadedModel, draft: LoadedModel | None, context: BuildContext) -> Decoder:
         if cell.exit_layer is not None:
             from skipbench.hf import check_early_exit
 

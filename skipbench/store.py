@@ -95,7 +95,7 @@ class RunStore:
         version = manifest.get("schema_version", 1)
         if version != SCHEMA_VERSION:
             raise UserError(f"{self.root} was written by an older skipbench (records schema {version}, this one "
-                            f"reads {SCHEMA_VERSION}); rerun its sweep into a new directory")
+                            f"reads {SCHEMA_VERSION}); rerun its sweep into a new directory (or with --force)")
         return manifest
 
     def write_manifest(self, manifest: dict) -> None:
@@ -106,24 +106,51 @@ class RunStore:
 
     @contextmanager
     def lock(self):
-        """Hold the run directory for this process; a second holder is told who has it (kill -9 frees it)."""
+        """Hold the run directory for this process; a second holder is told who has it (kill -9 frees it).
+
+        The lock file is removed on release, and a directory this call created is removed again when
+        nothing was written into it, so a command refused early leaves the file system as it found it."""
+        created = [path for path in (self.root, *self.root.parents) if not path.exists()]
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / ".lock"
-        handle = open(path, "a+")  # noqa: SIM115 - held for the whole block
         try:
+            handle = self._acquire(path)
+            try:
+                handle.seek(0)
+                handle.truncate()
+                command = " ".join(Path(sys.argv[0]).name if i == 0 else arg for i, arg in enumerate(sys.argv))
+                command = command if len(command) <= 160 else command[:157] + "..."
+                handle.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%H:%M:%S')} ({command})")
+                handle.flush()
+                for stale in [*self.root.glob(".*.partial"), *self.cells_dir.glob(".*.partial")]:
+                    stale.unlink(missing_ok=True)  # a killed writer's; nobody else writes while we hold the lock
+                yield self
+            finally:
+                path.unlink(missing_ok=True)  # while still held: a waiting process then locks a new file
+                handle.close()
+        finally:
+            for directory in created:  # deepest first; stops at the first that is not empty
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+
+    @staticmethod
+    def _acquire(path: Path):
+        while True:
+            handle = open(path, "a+")  # noqa: SIM115 - held for the whole block
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
-                raise RunLocked(f"{self.root} is in use by {holder}; wait for it, or stop it first") from None
-            handle.seek(0)
-            handle.truncate()
-            command = " ".join(Path(sys.argv[0]).name if i == 0 else arg for i, arg in enumerate(sys.argv))
-            handle.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%H:%M:%S')} ({command})")
-            handle.flush()
-            yield self
-        finally:
+                handle.close()
+                raise RunLocked(f"{path.parent} is in use by {holder}; wait for it, or stop it first") from None
+            try:  # the holder may have just finished and removed the file: then lock the one there now
+                if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    return handle
+            except FileNotFoundError:
+                pass
             handle.close()
 
     # --------------------------------------------------------------- cells

@@ -23,7 +23,8 @@ import torch
 from skipbench import machine, spec
 from skipbench.errors import UserError
 from skipbench.measure import CellRunner, Progress, measure_group
-from skipbench.models import LoadedModel, check_vocab_match, load_model, num_layers_of
+from skipbench.methods import BuildContext
+from skipbench.models import LoadedModel, check_vocab_match, load_model, num_layers_of, resolve_device
 from skipbench.prompts import build_prompts
 from skipbench.spec import Cell, Setup, SpecError, cell_key
 from skipbench.store import RunStore, manifest_for
@@ -36,11 +37,30 @@ class RunError(UserError):
 def check_plan(setup: Setup, cells: list[Cell]) -> None:
     """Every knob checked before any model is loaded."""
     setup.check()
+    resolve_device(setup.device)  # --device cuda on a machine without one: refused before anything loads
     if not cells:
         raise SpecError("no cells to run")
     layers = num_layers_of(setup.model)
     for cell in cells:
         cell.check(layers)
+
+
+def refuse_unsupported(cells: list[Cell], target: LoadedModel, drafts: dict[str, LoadedModel]) -> None:
+    """A method that cannot drive these models' architecture is refused before anything is timed or written
+    (the native engine drives Llama-family models; transformers' early exit needs one as well)."""
+    from skipbench.decoding.layers import DecoderStack, EngineError
+    from skipbench.hf import check_early_exit
+
+    native = [cell for cell in cells if cell.backend == "native"]
+    models = [target] * bool(native) + [drafts[name] for name in sorted({c.draft_model for c in native} - {None})]
+    try:
+        for loaded in models:
+            DecoderStack(loaded.model)
+        if any(cell.backend != "native" and cell.method.drafter == "exit" for cell in cells):
+            loaded = target
+            check_early_exit(target.model)
+    except EngineError as error:
+        raise RunError(f"model {loaded.name!r}: {error}") from None
 
 
 def model_info(loaded: LoadedModel) -> dict:
@@ -68,26 +88,27 @@ def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool
     check_plan(setup, cells)
     store = RunStore(out_dir)
     with store.lock():
-        if store.manifest_path().is_file():
-            previous = json.loads(store.manifest_path().read_text()).get("setup") or {}
-            changed = _differences(previous, setup)
-            if changed and not force:
+        if store.manifest_path().is_file() and not force:
+            changed = _differences(store.read_manifest().get("setup") or {}, setup)
+            if changed:
                 raise RunError(f"{out_dir} holds a run with other settings ({', '.join(changed)} differ); choose "
                                f"another --out, or --force to delete its cells and start over")
-        if force:
-            store.clear()
         threads = setup.threads or machine.default_threads()
         if setup.device != "cuda" and not setup.device.startswith("cuda:"):
             torch.set_num_threads(threads)
-        before = machine.state(threads)
-        if (warning := machine.busy_warning(before, when="before")) is not None:
-            progress.note(f"warning: {warning}")
+        before = machine.state(threads)  # before our own loading adds to the load average
         target = loader(setup.model, dtype=setup.dtype, device=setup.device)
         drafts: dict[str, LoadedModel] = {}
         for name in sorted({cell.draft_model for cell in cells if cell.draft_model}):
             drafts[name] = loader(name, dtype=setup.dtype, device=setup.device)
             check_vocab_match(target, drafts[name])
+        refuse_unsupported(cells, target, drafts)
         prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions)
+        # Everything is known to work from here on: only now is a --force restart allowed to delete.
+        if force:
+            store.clear()
+        if (warning := machine.busy_warning(before, when="before")) is not None:
+            progress.note(f"warning: {warning}")
         for note in prompt_set.notes:
             progress.note(note)
         manifest = manifest_for(
@@ -98,10 +119,17 @@ def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool
         store.write_manifest(manifest)
 
         keyed = {cell_key(setup, cell): cell for cell in cells}
-        measure_group(keyed, lambda cell: CellRunner(cell, setup, target, drafts.get(cell.draft_model), prompt_set),
+        context = BuildContext.for_run(setup.compile, cells, max(len(p.token_ids) for p in prompt_set.prompts),
+                                       prompt_set.max_new_tokens)
+        measure_group(keyed, lambda cell: CellRunner(cell, setup, target, drafts.get(cell.draft_model), prompt_set,
+                                                     context),
                       prompt_set, store, repeats=setup.repeats, sampled=setup.sample, progress=progress)
         after = machine.state(threads)
-        store.write_manifest({**manifest, "provenance": {**manifest["provenance"],
+        compiled = context.compile_seconds()
+        if compiled:
+            progress.note("compile time (outside every cell's time): " + ", ".join(
+                f"{name} {seconds:.1f} s" for name, seconds in compiled.items()))
+        store.write_manifest({**manifest, "provenance": {**manifest["provenance"], "compile_seconds": compiled,
                                                          "machine": {"before": before, "after": after}}})
         if (warning := machine.busy_warning(after, when="after")) is not None:
             progress.note(f"warning: {warning}")
@@ -144,6 +172,8 @@ def plan(sweep_file: str | None, setup_options: dict, grid_options: dict, out: P
         tasks = list(datasets)
     elif given.get("prompts"):
         tasks = []
+        if file_tasks:  # the file's num_samples counted its dataset's examples, not these prompts
+            loaded.setup.pop("num_samples", None)
     else:
         tasks = file_tasks if isinstance(file_tasks, list) else [file_tasks] if file_tasks else []
     setup = spec.override(spec.setup_from(loaded.setup, origin=sweep_file), **given)

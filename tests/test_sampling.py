@@ -22,9 +22,9 @@ def first_token_histogram(rule, draws: int) -> torch.Tensor:
     target_logits = P.log().repeat(2, 1)
     counts = torch.zeros(len(P))
     for _ in range(draws):
-        draft = int(torch.multinomial(Q, 1, generator=generator))
-        kept, token = rule(sampler, [draft], [Q], target_logits)
-        counts[draft if kept else token] += 1
+        draft = torch.multinomial(Q, 1, generator=generator)
+        kept, token = rule(sampler, draft, Q[None], target_logits).tolist()
+        counts[int(draft) if kept else token] += 1
     return counts / draws
 
 
@@ -36,13 +36,13 @@ def test_acceptance_rule_reproduces_the_target_distribution():
 
 def test_a_broken_rule_would_fail_this_test():
     def always_accept(sampler, drafts, draft_probs, target_logits):
-        return len(drafts), sampler.draw(sampler.probs(target_logits)[-1])
+        return torch.tensor([len(drafts), int(sampler.draw(sampler.probs(target_logits)[-1:])[0])])
 
     def resample_from_target(sampler, drafts, draft_probs, target_logits):
         p = sampler.probs(target_logits)[0]
         if torch.rand((), generator=sampler.generator) < min(1.0, float(p[drafts[0]] / draft_probs[0][drafts[0]])):
-            return 1, 0
-        return 0, sampler.draw(p)
+            return torch.tensor([1, 0])
+        return torch.tensor([0, int(sampler.draw(p[None])[0])])
 
     assert total_variation(first_token_histogram(always_accept, 5000), P) > 0.2
     assert total_variation(first_token_histogram(resample_from_target, 5000), P) > 0.05
@@ -115,11 +115,11 @@ def test_sampled_self_speculation_keeps_the_targets_joint_distribution():
         sampler = Sampler(sample=True, generator=torch.Generator().manual_seed(seed))
         stack = DecoderStack(model)
         cache = stack.new_cache(16)
-        stack.run(stack.embed(prompt[:-1]), cache, 0, 1)
-        _, logits = stack.run(stack.embed(prompt[-1:]), cache, 0, 1, head=1)
-        a, _ = sampler.choose(logits[0])
-        _, logits = stack.run(stack.embed([a]), cache, 0, 1, head=1)
-        b, _ = sampler.choose(logits[0])
-        exit_only[a * vocab + b] += 1
+        stack.run(stack.ids(prompt[:-1]), cache, 0, 1)
+        _, logits = stack.run(stack.ids(prompt[-1:]), cache, 0, 1, head=1)
+        a, _ = sampler.choose(logits)
+        _, logits = stack.run(a, cache, 0, 1, head=1)
+        b, _ = sampler.choose(logits)
+        exit_only[int(a) * vocab + int(b)] += 1
     observed = torch.cat([exit_only[keep], exit_only[~keep].sum(0, keepdim=True)])
     assert chisquare(observed.numpy(), expected.numpy() * observed.sum().item() / expected.sum().item()).pvalue < 1e-6

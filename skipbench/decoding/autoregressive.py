@@ -15,20 +15,25 @@ class Autoregressive:
     def __init__(self, stack: DecoderStack, model: str = "target"):
         self.stack = stack
         self.model = model
-        self.cache = stack.new_cache(0)
+        self.cache = stack.new_cache(0) if not stack.compiled else None
 
     def start(self, prompt: list[int], capacity: int, trace: Trace | None = None) -> None:
         self.cache = self.stack.new_cache(capacity, trace, self.model)
         if len(prompt) > 1:
-            self.stack.run(self.stack.embed(prompt[:-1]), self.cache, 0, self.stack.num_layers)
+            self.stack.run(self.stack.ids(prompt[:-1]), self.cache, 0, self.stack.num_layers)
 
-    def draft(self, last: int, count: int, sampler: Sampler) -> tuple[list[int], None]:
-        return [], None
+    def draft(self, last: torch.Tensor, count: int, sampler: Sampler) -> tuple[torch.Tensor, None]:
+        return last[:0], None
 
-    def verify(self, last: int, drafts: list[int]) -> torch.Tensor:
-        _, logits = self.stack.run(self.stack.embed([last, *drafts]), self.cache, 0, self.stack.num_layers,
-                                   head=len(drafts) + 1)
+    def verify(self, last: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+        inputs = torch.cat([last, drafts])
+        _, logits = self.stack.run(inputs, self.cache, 0, self.stack.num_layers, head=inputs.shape[0])
         return logits
 
-    def commit(self, length: int) -> None:
+    def shapes(self, k: int) -> list[tuple[DecoderStack, str, list[tuple]]]:
+        """Per stack and cache role, the shapes (see DecoderStack.warm) a step with k drafts runs."""
+        return [(self.stack, self.model, [("pass", 0, self.stack.num_layers, k + 1, k + 1)])]
+
+    def commit(self, length: int, inputs: list[int]) -> None:
+        """Keep the first `length` positions; `inputs` are the step's input token and drafts, on the host."""
         self.cache.truncate(length)

@@ -1,11 +1,23 @@
-"""Run any span of a transformers decoder's layers against skipbench's own KV cache.
+"""Run any span of a transformers decoder's layers against skipbench's own KV cache, eager or compiled.
 
 We drive the model's own modules (embedding, decoder layers, rotary embedding, final norm, LM head)
 instead of copying its forward code, so a transformers update that changes `LlamaModel.forward`
 does not break the engine; only the layer call signature matters.
+
+Two ways to run a span:
+- eager (the default): each layer attends over exactly the positions its cache holds; shapes change
+  every step, which is cheapest without a compiler.
+- compiled (`compile=True`): static shapes. Every cache has one capacity for the whole run and layers
+  attend over all of it through a mask built on the device from the query positions, so a decode step,
+  a draft step of layers < E and a verify block of K+1 positions each have one shape, and
+  `torch.compile` (on CUDA `mode="reduce-overhead"`, which captures CUDA graphs) compiles each once per
+  (layer span, positions) and reuses it for every cell of the run. Other shapes (prefill, the last
+  steps before the token budget) run the same function eagerly.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from transformers import PreTrainedModel
@@ -14,6 +26,9 @@ from skipbench.decoding.record import Trace
 from skipbench.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama",)
+# torch.compile recompiles one function per (span, positions) shape; a sweep of many exits and draft
+# lengths has more than dynamo's default limit of 8.
+RECOMPILE_LIMIT = 256
 
 
 class EngineError(UserError):
@@ -24,31 +39,52 @@ class KVCache:
     """Pre-allocated keys and values for every layer, each layer with its own filled length.
 
     Layers have separate lengths because self-speculative decoding fills layers < E (the draft) ahead of
-    layers >= E. Rolling back rejected drafts only moves a length: nothing is copied or freed.
-    The decoder layers call `update()`, the one method transformers' attention needs of a cache.
+    layers >= E. Rolling back rejected drafts only moves a length: nothing is copied or freed. The decoder
+    layers call `update()`, the one method transformers' attention needs of a cache. Eager caches return
+    the filled part; static caches write at `positions` (a device tensor) and return the whole capacity.
     """
 
-    def __init__(self, num_layers: int, capacity: int, trace: Trace | None = None, model: str = "target"):
+    def __init__(self, num_layers: int, capacity: int, *, static: bool = False):
         self.capacity = capacity
+        self.static = static
         self.lengths = [0] * num_layers
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.trace = trace  # where the passes over this cache are recorded, and as which model's
-        self.model = model
+        self.positions: torch.Tensor | None = None  # static caches: where the current call writes
+        self.trace: Trace | None = None  # where the passes over this cache are recorded, as which model's
+        self.model = "target"
+
+    def reset(self, trace: Trace | None, model: str) -> KVCache:
+        self.lengths = [0] * len(self.lengths)
+        self.trace, self.model = trace, model
+        return self
+
+    def allocate(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        shape = (*key.shape[:-2], self.capacity, key.shape[-1])
+        self.keys[layer_idx] = key.new_zeros(shape)
+        self.values[layer_idx] = value.new_zeros((*shape[:-1], value.shape[-1]))
+        if self.static and key.device.type == "cuda":
+            # CUDA graphs replay on fixed addresses: the cache must stay where it was captured.
+            torch._dynamo.mark_static_address(self.keys[layer_idx])
+            torch._dynamo.mark_static_address(self.values[layer_idx])
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        start, count = self.lengths[layer_idx], key.shape[-2]
-        if start + count > self.capacity:
-            raise EngineError(f"KV cache overflow at layer {layer_idx}: {start + count} > {self.capacity}")
-        if self.keys[layer_idx] is None:  # allocate on first use, when shapes and dtype are known
-            shape = (*key.shape[:-2], self.capacity, key.shape[-1])
-            self.keys[layer_idx] = key.new_empty(shape)
-            self.values[layer_idx] = value.new_empty((*shape[:-1], value.shape[-1]))
+        if self.keys[layer_idx] is None:
+            self.allocate(layer_idx, key, value)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.static:
+            keys[:, :, self.positions] = key  # index_put_, which the compiler writes in place
+            values[:, :, self.positions] = value
+            return keys, values
+        start, count = self.lengths[layer_idx], key.shape[-2]
         keys[..., start : start + count, :] = key
         values[..., start : start + count, :] = value
-        self.lengths[layer_idx] = start + count
         return keys[..., : start + count, :], values[..., : start + count, :]
+
+    def advance(self, start: int, end: int, count: int) -> None:
+        """Layers [start, end) now hold `count` more positions."""
+        for layer in range(start, end):
+            self.lengths[layer] += count
 
     def truncate(self, length: int) -> None:
         """Forget every position >= length in every layer (layers already shorter keep their length)."""
@@ -76,6 +112,15 @@ def causal_mask(config, past: int, count: int, device: torch.device, dtype: torc
     return mask.masked_fill(blocked, torch.finfo(dtype).min)[None, None]
 
 
+def static_mask(positions: torch.Tensor, capacity: int, dtype: torch.dtype) -> torch.Tensor:
+    """An additive mask over a whole static cache: query at position p sees keys 0..p, nothing after it
+    (stale entries of rejected drafts or of an earlier generation lie after it)."""
+    keys = torch.arange(capacity, device=positions.device)
+    allowed = keys[None, :] <= positions[:, None]
+    zero = torch.zeros((), dtype=dtype, device=positions.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
+
+
 def run_layers(layers, hidden: torch.Tensor, *, mask: torch.Tensor | None, positions: torch.Tensor,
                position_embeddings, cache: KVCache | None = None) -> torch.Tensor:
     """Call a sequence of the model's own decoder layers, with a KV cache (decoding) or without (training)."""
@@ -87,9 +132,15 @@ def run_layers(layers, hidden: torch.Tensor, *, mask: torch.Tensor | None, posit
 
 
 class DecoderStack:
-    """The pieces of a Llama-family causal LM that the engine calls, and how to call them."""
+    """The pieces of a Llama-family causal LM that the engine calls, and how to call them.
 
-    def __init__(self, model: PreTrainedModel):
+    With `compile`, passes over `compiled_positions` positions run compiled against static caches of
+    `capacity` positions (other passes run the same function eagerly); `compile_seconds` accumulates the time
+    spent compiling, outside any cell's time: the engine compiles every shape a cell needs before it is
+    timed (`warm`).
+    """
+
+    def __init__(self, model: PreTrainedModel, *, compile: bool = False, capacity: int = 0):
         config = model.config
         body = getattr(model, "model", None)
         parts = ("embed_tokens", "layers", "norm", "rotary_emb")
@@ -109,28 +160,158 @@ class DecoderStack:
         self.num_layers = config.num_hidden_layers
         self.device = self.embed_tokens.weight.device
         self.dtype = self.embed_tokens.weight.dtype
+        self.compiled = compile
+        self.capacity = capacity
+        self.compile_seconds = 0.0
+        self._caches: dict[str, KVCache] = {}
+        self._warmed: set[tuple] = set()
+        if compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            # CUDA: CUDA graphs (what mode="reduce-overhead" turns on). CPU: the wrapper around the kernels in
+            # C++ rather than Python, which is most of a small model's step.
+            options = {"triton.cudagraphs": True} if self.device.type == "cuda" else {"cpp_wrapper": True}
+            self._compiled_pass = torch.compile(self._static_pass, dynamic=False, options=options)
+            self._compiled_chain = torch.compile(self._static_chain, dynamic=False, options=options)
 
     def new_cache(self, capacity: int, trace: Trace | None = None, model: str = "target") -> KVCache:
-        return KVCache(self.num_layers, capacity, trace, model)
+        """A cache for one generation. Compiled stacks keep one static cache per model role for the whole
+        run (CUDA graphs need fixed addresses; compiled shapes need one capacity)."""
+        if not self.compiled:
+            return KVCache(self.num_layers, capacity).reset(trace, model)
+        if capacity > self.capacity:
+            raise EngineError(f"a generation needs {capacity} cached positions but the compiled engine was built "
+                              f"for {self.capacity}")
+        cache = self._caches.setdefault(model, KVCache(self.num_layers, self.capacity, static=True))
+        return cache.reset(trace, model)
 
-    def embed(self, token_ids: list[int]) -> torch.Tensor:
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        return self.embed_tokens(ids)
+    def ids(self, token_ids: list[int]) -> torch.Tensor:
+        return torch.tensor(token_ids, dtype=torch.long, device=self.device)
 
-    def run(self, hidden: torch.Tensor, cache: KVCache, start: int, end: int,
+    def run(self, inputs: torch.Tensor, cache: KVCache, start: int, end: int,
             head: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Layers [start, end) on `hidden` (1, n, d), at the positions following what those layers cached.
+        """Layers [start, end) on n positions following what those layers cached: `inputs` are token ids (n,)
+        when start == 0 (the embedding runs first), else hidden states (1, n, d).
 
         Returns the new states and, with `head` > 0, the (head, vocab) logits of the last `head` positions
         (final norm and LM head; at an early exit, the exit head). The pass is recorded in the cache's trace.
         """
         past = cache.lengths[start] if start < self.num_layers else cache.lengths[-1]
-        count = hidden.shape[1]
+        count = inputs.shape[0] if start == 0 else inputs.shape[1]
         if cache.trace is not None:
-            cache.trace.record(cache.model, start, end, count, past, head)
+            cache.trace.record(cache.model, start, end, count, past, head, cache.capacity if cache.static else None)
+        if cache.static:
+            positions = torch.arange(past, past + count, device=self.device)
+            hidden, logits = self._pass((start, end, count, head), inputs, positions, cache, start, end, head)
+        else:
+            hidden = self.embed_tokens(inputs[None]) if start == 0 else inputs
+            hidden = self._layers(hidden, cache, start, end, past, count) if start < end else hidden
+            logits = self._head(hidden[:, count - head :]) if head else None
+        cache.advance(start, end, count)
+        return hidden, logits
+
+    def chain(self, inputs: torch.Tensor, cache: KVCache, end: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`count` greedy draft passes through layers [0, end) and the head: the first on the ids `inputs`
+        (n,), each next one on the previous pass's argmax. Returns the states of each pass's last position
+        (1, count, d) and the drafted ids (count,). One compiled call when warmed (a whole draft phase), and
+        recorded as the `count` passes it is."""
+        past, fed = cache.lengths[0], inputs.shape[0]
+        if cache.trace is not None:
+            for index in range(count):
+                position = past if index == 0 else past + fed + index - 1
+                cache.trace.record(cache.model, 0, end, fed if index == 0 else 1, position, 1,
+                                   cache.capacity if cache.static else None)
+        if not cache.static:
+            return self._eager_chain(inputs, cache, end, count)
+        positions = torch.arange(past, past + fed, device=self.device)
+        function = self._compiled_chain if ("chain", end, fed, count) in self._warmed else self._static_chain
+        states, ids = self._guarded(function, inputs, positions, cache, end, count)
+        cache.advance(0, end, fed + count - 1)  # the last draft is not fed back: the verifier feeds it
+        return states, ids
+
+    def warm(self, role: str, shapes: list[tuple]) -> None:
+        """Compile every shape a cell will run on the cache of `role`, before it is timed, timing the
+        compilation apart (the cache's contents are dropped: each generation resets it). A shape is
+        ("pass", start, end, positions, head) or ("chain", end, positions fed first, count). Only shapes
+        compiled here run compiled; any other (prefill, the last steps before the token budget) runs the same
+        function eagerly, so nothing is ever compiled inside a timed generation."""
+        if not self.compiled:
+            return
+        cache = self.new_cache(self.capacity, None, role)
+        with torch.inference_mode():
+            for shape in shapes:
+                if shape in self._warmed:
+                    continue
+                kind, *sizes = shape
+                began = time.perf_counter()
+                for _ in range(2):  # CUDA graphs are recorded on the second call of a shape
+                    if kind == "chain":
+                        end, fed, count = sizes
+                        self._compiled_chain(self._zeros(0, fed), torch.arange(fed, device=self.device), cache, end,
+                                             count)
+                    else:
+                        start, end, fed, head = sizes
+                        self._compiled_pass(self._zeros(start, fed), torch.arange(fed, device=self.device), cache,
+                                            start, end, head)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.compile_seconds += time.perf_counter() - began
+                self._warmed.add(shape)
+
+    def _zeros(self, start: int, count: int) -> torch.Tensor:
+        """Inputs of the right kind for a pass starting at layer `start`: ids, or hidden states."""
+        if start == 0:
+            return torch.zeros(count, dtype=torch.long, device=self.device)
+        return torch.zeros(1, count, self.config.hidden_size, dtype=self.dtype, device=self.device)
+
+    def _pass(self, shape: tuple, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
+        function = self._compiled_pass if ("pass", *shape) in self._warmed else self._static_pass
+        return self._guarded(function, *args)
+
+    def _guarded(self, function, *args):
+        if function in (self._static_pass, self._static_chain):
+            return function(*args)
+        # Every compiled shape was warmed: dynamo need only tell its compiled shapes apart, not check that
+        # nothing else changed (the engine's tensors keep their shapes and dtypes for the whole run).
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return function(*args)
+
+    def _static_chain(self, inputs: torch.Tensor, positions: torch.Tensor, cache: KVCache, end: int,
+                      count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole greedy draft phase against a static cache: what torch.compile compiles per (end, count)."""
+        states, ids = [], []
+        for _ in range(count):
+            hidden, logits = self._static_pass(inputs, positions, cache, 0, end, 1)
+            states.append(hidden[:, -1:])
+            inputs = logits.argmax(dim=-1)
+            ids.append(inputs)
+            positions = positions[-1:] + 1
+        return torch.cat(states, dim=1), torch.cat(ids)
+
+    def _eager_chain(self, inputs: torch.Tensor, cache: KVCache, end: int,
+                     count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same draft phase on an eager cache, whose lengths move as each pass writes."""
+        states, ids = [], []
+        for _ in range(count):
+            fed = inputs.shape[0]
+            hidden = self._layers(self.embed_tokens(inputs[None]), cache, 0, end, cache.lengths[0], fed)
+            cache.advance(0, end, fed)
+            states.append(hidden[:, -1:])
+            inputs = self._head(hidden[:, -1:]).argmax(dim=-1)
+            ids.append(inputs)
+        return torch.cat(states, dim=1), torch.cat(ids)
+
+    def _static_pass(self, inputs: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int, end: int,
+                     head: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One whole pass against a static cache (embedding, layers [start, end), head): what torch.compile
+        compiles, so a decode step is one compiled call."""
+        hidden = self.embed_tokens(inputs[None]) if start == 0 else inputs
         if start < end:
-            hidden = self._layers(hidden, cache, start, end, past, count)
-        return hidden, (self.logits(hidden[:, count - head :]) if head else None)
+            cache.positions = positions
+            position_embeddings = self.rotary_emb(hidden, positions[None])
+            mask = static_mask(positions, cache.capacity, hidden.dtype)
+            hidden = run_layers(self.layers[start:end], hidden, mask=mask, positions=positions[None],
+                                position_embeddings=position_embeddings, cache=cache)
+        return hidden, self._head(hidden[:, hidden.shape[1] - head :]) if head else None
 
     def _layers(self, hidden: torch.Tensor, cache: KVCache, start: int, end: int, past: int,
                 count: int) -> torch.Tensor:
@@ -140,6 +321,6 @@ class DecoderStack:
         return run_layers(self.layers[start:end], hidden, mask=mask, positions=positions,
                           position_embeddings=position_embeddings, cache=cache)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: (1, n, d) -> (n, vocab) float32 logits."""
         return self.lm_head(self.norm(hidden))[0].float()

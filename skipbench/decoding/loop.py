@@ -4,6 +4,9 @@ Each round (a "verify step") feeds the last committed token, plus up to K drafts
 model once and commits the drafts it agrees with plus one token of its own. Autoregressive decoding
 is the same loop with no drafts, so every strategy is counted and timed the same way.
 
+Drafts, the verdict and the next token stay on the device; a round reads them to the host once, to
+know how many drafts were kept and to emit the tokens (EOS and stop sequences are host-side rules).
+
 Prefill puts all prompt tokens but the last into the cache; the last prompt token is the first
 round's input. Hence new_tokens == accepted + verify_steps exactly unless generation ends at EOS or a
 stop sequence inside a step (see `Generation.emit`), and autoregressive decoding makes one token per
@@ -26,13 +29,13 @@ class Strategy(Protocol):
     def start(self, prompt: list[int], capacity: int, trace: Trace | None = None) -> None:
         """Prefill: every prompt token but the last into the cache(s); passes go to `trace`."""
 
-    def draft(self, last: int, count: int, sampler: Sampler) -> tuple[list[int], list[torch.Tensor] | None]:
-        """Propose up to `count` tokens after `last`; with sampling also their draft distributions."""
+    def draft(self, last: torch.Tensor, count: int, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Propose `count` tokens (count,) after `last` (1,); with sampling also their distributions."""
 
-    def verify(self, last: int, drafts: list[int]) -> torch.Tensor:
-        """Full-model logits (len(drafts)+1, vocab) for `last` followed by the drafts."""
+    def verify(self, last: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+        """Full-model logits (count+1, vocab) for `last` followed by the drafts."""
 
-    def commit(self, length: int) -> None:
+    def commit(self, length: int, inputs: list[int]) -> None:
         """Keep the first `length` positions of every cache; drop the rest (rejected drafts)."""
 
 
@@ -54,22 +57,24 @@ def generate(strategy: Strategy, prompt: list[int], *, max_new_tokens: int, num_
     began = time.perf_counter()
     with torch.inference_mode():
         strategy.start(prompt, capacity=len(prompt) + max_new_tokens + num_speculations + 1, trace=trace)
-        last = prompt[-1]
+        last = torch.tensor([prompt[-1]], dtype=torch.long, device=device)
+        last_id = prompt[-1]
         while record.new_tokens < max_new_tokens:
             context = len(prompt) - 1 + record.new_tokens
             # Never draft past the token budget: the step's own token needs one place too.
             count = min(num_speculations, max_new_tokens - record.new_tokens - 1)
             trace.begin_step(len(record.steps))
             trace.phase = "draft"
-            drafts, draft_probs = strategy.draft(last, count, sampler) if count > 0 else ([], None)
+            drafts, draft_probs = strategy.draft(last, count, sampler) if count > 0 else (last[:0], None)
             trace.phase = "verify"
-            kept, last = sampler.accept(drafts, draft_probs, strategy.verify(last, drafts))
-            strategy.commit(context + 1 + kept)
-            record.steps.append(Step(context, len(drafts), kept))
-            ended = record.emit([*drafts[:kept], last], kept, eos, stop)
+            outcome = sampler.accept(drafts, draft_probs, strategy.verify(last, drafts))
+            kept, next_id, *drafted = torch.cat([outcome, drafts]).tolist()  # the round's one host sync
+            strategy.commit(context + 1 + kept, [last_id, *drafted])
+            record.steps.append(Step(context, count, kept))
+            ended = record.emit([*drafted[:kept], next_id], kept, eos, stop)
+            last, last_id = outcome[1:], next_id
             if len(record.steps) == 1:
-                synchronize(device)
-                record.prefill_s = time.perf_counter() - began
+                record.prefill_s = time.perf_counter() - began  # the sync above waited for the device
             if ended:
                 break
     synchronize(device)

@@ -27,6 +27,8 @@ class Pass:
 
     `kept_positions` / `kept_head_positions` are the part whose result survived the step's rollback; the
     rest is wasted work (work on rejected drafts, and a draft head that proposed a rejected token).
+    `window` is how many keys each query is scored against: context + positions, or a static cache's whole
+    capacity (`static`), which is what a compiled engine computes; `kept_window` the same for the kept part.
     """
 
     phase: str
@@ -39,6 +41,15 @@ class Pass:
     kept_positions: int = 0
     kept_head_positions: int = 0
     step: int = -1  # -1: prefill
+    window: int = 0
+    kept_window: int = 0
+    static: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.window:
+            self.window = self.context + self.positions
+        if not self.kept_window:
+            self.kept_window = self.window
 
     def settle(self, committed: int) -> None:
         """Judge the pass once the cache keeps `committed` positions of its model.
@@ -48,6 +59,7 @@ class Pass:
         (p + 1 <= committed); a draft row only when its proposal was kept (p + 1 < committed).
         """
         self.kept_positions = max(0, min(self.positions, committed - self.context))
+        self.kept_window = self.window if self.static else self.context + self.kept_positions
         first_head = self.context + self.positions - self.head_positions
         limit = committed if self.phase == "verify" else committed - 1
         self.kept_head_positions = max(0, min(self.head_positions, limit - first_head))
@@ -62,8 +74,11 @@ class Trace:
         self.step = -1
         self.pending: list[Pass] = []  # passes of the current step, judged at commit
 
-    def record(self, model: str, start: int, end: int, positions: int, context: int, head_positions: int = 0) -> None:
-        entry = Pass(self.phase, model, start, end, positions, context, head_positions, step=self.step)
+    def record(self, model: str, start: int, end: int, positions: int, context: int, head_positions: int = 0,
+               capacity: int | None = None) -> None:
+        """One pass; `capacity`: the static cache every query of it is scored against (none: the causal window)."""
+        entry = Pass(self.phase, model, start, end, positions, context, head_positions, step=self.step,
+                     window=capacity or 0, static=capacity is not None)
         if self.phase == "prefill":
             entry.kept_positions, entry.kept_head_positions = positions, head_positions
         else:

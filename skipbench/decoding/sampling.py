@@ -1,4 +1,8 @@
-"""Token choice: greedy or temperature/top-p sampling, and the speculative acceptance rule."""
+"""Token choice on the device: greedy or temperature/top-p sampling, and the speculative acceptance rule.
+
+Everything here takes and returns device tensors, so drafting and verifying never wait for the host; the
+decoding loop reads the outcome of a round once.
+"""
 
 from __future__ import annotations
 
@@ -31,38 +35,43 @@ class Sampler:
             probs = probs / probs.sum(dim=-1, keepdim=True)
         return probs
 
-    def draw(self, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row of (n, vocab) probabilities: (n,)."""
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
 
-    def choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        """Pick the next token from one row of logits; also return the distribution when sampling."""
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next token (1,) from one row of logits (1, vocab); with sampling also its distribution (1, vocab)."""
         if not self.sample:
-            return int(logits.argmax()), None
+            return logits.argmax(dim=-1), None
         probs = self.probs(logits)
         return self.draw(probs), probs
 
-    def accept(self, drafts: list[int], draft_probs: list[torch.Tensor] | None,
-               target_logits: torch.Tensor) -> tuple[int, int]:
-        """Verify drafts against (len(drafts)+1, vocab) target logits -> (drafts kept, next token).
+    def accept(self, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
+               target_logits: torch.Tensor) -> torch.Tensor:
+        """Verify k drafts against (k+1, vocab) target logits -> a (2,) tensor [drafts kept, next token].
 
-        Greedy: keep drafts while they equal the target's argmax; the next token is the target's argmax
-        after the last kept one. Sampling: the standard rule (accept with min(1, p/q); on rejection draw
-        from the normalised max(0, p - q)), which leaves the target's distribution exactly unchanged.
+        Greedy: drafts are kept while they equal the target's argmax; the next token is the target's argmax
+        after the last kept one. Sampling: the standard rule (draft i is kept with probability
+        min(1, p_i/q_i); at the first rejection the next token is drawn from the normalised max(0, p - q),
+        and when all are kept from p after the last), which leaves the target's distribution unchanged.
         """
+        count = drafts.shape[0]
         if not self.sample:
-            choices = target_logits.argmax(dim=-1).tolist()
-            kept = 0
-            while kept < len(drafts) and drafts[kept] == choices[kept]:
-                kept += 1
-            return kept, choices[kept]
-        target_probs = self.probs(target_logits)
-        for position, token in enumerate(drafts):
-            p, q = target_probs[position], draft_probs[position]
-            ratio = float(p[token] / q[token]) if q[token] > 0 else 1.0
-            if torch.rand((), generator=self.generator, device=p.device) < min(1.0, ratio):
-                continue
-            residual = torch.clamp(p - q, min=0.0)
-            total = residual.sum()
-            # p == q exactly leaves no residual mass; then rejection had probability 0, so fall back to p.
-            return position, self.draw(residual / total if total > 0 else p)
-        return len(drafts), self.draw(target_probs[len(drafts)])
+            choices = target_logits.argmax(dim=-1)
+            kept = (drafts == choices[:count]).long().cumprod(0).sum() if count else choices.new_zeros(())
+            return torch.stack([kept, choices[kept]])
+        target = self.probs(target_logits)
+        if not count:
+            return torch.stack([drafts.new_zeros(()), self.draw(target)[0]])
+        rows = torch.arange(count, device=drafts.device)
+        p, q = target[rows, drafts], draft_probs[rows, drafts]
+        ratio = torch.where(q > 0, p / q, torch.ones_like(p))
+        accepted = torch.rand(count, generator=self.generator, device=drafts.device) < ratio.clamp(max=1.0)
+        kept = accepted.long().cumprod(0).sum()
+        residual = torch.clamp(target[:count] - draft_probs, min=0.0)
+        total = residual.sum(dim=-1, keepdim=True)
+        # p == q exactly leaves no residual mass; then rejection had probability 0, so fall back to p.
+        residual = torch.where(total > 0, residual / total.clamp(min=1e-30), target[:count])
+        # Row i: the draw if draft i is the first rejected; row k: the bonus token when all are kept.
+        candidates = self.draw(torch.cat([residual, target[count:]]))
+        return torch.stack([kept, candidates[kept]])

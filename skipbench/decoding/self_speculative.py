@@ -5,6 +5,7 @@ Draft and verifier are one model, so they share more than weights:
 - the exit-query cache: the verifier resumes from the layer-E hidden states the draft computed, so
   layers < E process each token position exactly once (only the last draft, which the draft never fed
   back in, goes through layers < E during verification).
+Drafts stay on the device: each is chosen there and fed back as a tensor.
 """
 
 from __future__ import annotations
@@ -24,24 +25,36 @@ class SelfSpeculative(Autoregressive):
         self.exit_layer = exit_layer
         self.exit_states: list[torch.Tensor] = []  # layer-E hidden states of positions not yet verified
 
-    def draft(self, last: int, count: int, sampler: Sampler) -> tuple[list[int], list[torch.Tensor] | None]:
+    def draft(self, last: torch.Tensor, count: int, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor | None]:
         stack = self.stack
+        if not sampler.sample:  # greedy: the whole draft phase is one call (one compiled graph when compiled)
+            states, drafts = stack.chain(last, self.cache, self.exit_layer, count)
+            self.exit_states = [states]
+            return drafts, None
         drafts, probs = [], []
         token = last
         for _ in range(count):
             # The exit head is the model's own final norm and LM head applied at layer E.
-            hidden, logits = stack.run(stack.embed([token]), self.cache, 0, self.exit_layer, head=1)
+            hidden, logits = stack.run(token, self.cache, 0, self.exit_layer, head=1)
             self.exit_states.append(hidden)
-            token, token_probs = sampler.choose(logits[0])
+            token, token_probs = sampler.choose(logits)
             drafts.append(token)
             probs.append(token_probs)
-        return drafts, probs if sampler.sample else None
+        return torch.cat(drafts), torch.cat(probs) if sampler.sample else None
 
-    def verify(self, last: int, drafts: list[int]) -> torch.Tensor:
+    def shapes(self, k: int) -> list[tuple[DecoderStack, str, list[tuple]]]:
+        # The greedy draft phase (or one draft pass when sampling), the verify pass over the last draft's low
+        # layers, and the verify block.
+        exit_layer, top = self.exit_layer, self.stack.num_layers
+        shapes = [("chain", exit_layer, 1, k), ("pass", 0, exit_layer, 1, 1), ("pass", 0, exit_layer, 1, 0),
+                  ("pass", exit_layer, top, k + 1, k + 1)]
+        return [(self.stack, self.model, shapes)]
+
+    def verify(self, last: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         stack = self.stack
-        unseen = drafts[-1] if drafts else last  # the one position layers < E have not processed
-        fresh, _ = stack.run(stack.embed([unseen]), self.cache, 0, self.exit_layer)
+        unseen = drafts[-1:] if drafts.shape[0] else last  # the one position layers < E have not processed
+        fresh, _ = stack.run(unseen, self.cache, 0, self.exit_layer)
         hidden = torch.cat([*self.exit_states, fresh], dim=1)
         self.exit_states = []
-        _, logits = stack.run(hidden, self.cache, self.exit_layer, stack.num_layers, head=len(drafts) + 1)
+        _, logits = stack.run(hidden, self.cache, self.exit_layer, stack.num_layers, head=drafts.shape[0] + 1)
         return logits

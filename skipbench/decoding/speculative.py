@@ -15,31 +15,39 @@ class TwoModel:
         self.target = Autoregressive(target)
         self.drafter = Autoregressive(draft, model="draft")
         self.committed: list[int] = []  # tokens whose keys and values the target holds
-        self.in_flight: list[int] = []  # the last step's input and drafts, until commit
 
     def start(self, prompt: list[int], capacity: int, trace: Trace | None = None) -> None:
         self.target.start(prompt, capacity, trace)
         self.drafter.start(prompt, capacity, trace)
         self.committed = prompt[:-1]
 
-    def draft(self, last: int, count: int, sampler: Sampler) -> tuple[list[int], list[torch.Tensor] | None]:
+    def draft(self, last: torch.Tensor, count: int, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor | None]:
         stack, cache = self.drafter.stack, self.drafter.cache
         # The draft cache lacks the last step's final draft when all drafts were kept: feed it too.
-        feed = [*self.committed[cache.lengths[0]:], last]
+        missing = self.committed[cache.lengths[0]:]
+        feed = torch.cat([stack.ids(missing), last]) if missing else last
+        if not sampler.sample:  # greedy: the whole draft phase is one call (one compiled graph when compiled)
+            return stack.chain(feed, cache, stack.num_layers, count)[1], None
         drafts, probs = [], []
         for _ in range(count):
-            _, logits = stack.run(stack.embed(feed), cache, 0, stack.num_layers, head=1)
-            token, token_probs = sampler.choose(logits[0])
+            _, logits = stack.run(feed, cache, 0, stack.num_layers, head=1)
+            token, token_probs = sampler.choose(logits)
             drafts.append(token)
             probs.append(token_probs)
-            feed = [token]
-        return drafts, probs if sampler.sample else None
+            feed = token
+        return torch.cat(drafts), torch.cat(probs) if sampler.sample else None
 
-    def verify(self, last: int, drafts: list[int]) -> torch.Tensor:
-        self.in_flight = [last, *drafts]
+    def shapes(self, k: int) -> list[tuple[DecoderStack, str, list[tuple]]]:
+        # The draft's first pass also feeds the target's last draft when every draft was kept: 2 positions.
+        layers = self.drafter.stack.num_layers
+        shapes = [("chain", layers, 1, k), ("chain", layers, 2, k), ("pass", 0, layers, 1, 1),
+                  ("pass", 0, layers, 2, 1)]
+        return [*self.target.shapes(k), (self.drafter.stack, "draft", shapes)]
+
+    def verify(self, last: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         return self.target.verify(last, drafts)
 
-    def commit(self, length: int) -> None:
-        self.committed += self.in_flight[: length - len(self.committed)]
-        self.target.commit(length)
-        self.drafter.commit(length)
+    def commit(self, length: int, inputs: list[int]) -> None:
+        self.committed += inputs[: length - len(self.committed)]
+        self.target.commit(length, inputs)
+        self.drafter.commit(length, inputs)
