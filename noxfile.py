@@ -25,6 +25,30 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+def noise(session: nox.Session) -> None:
+    """The smoke sweep twice from scratch: how many speedups of the second run fall inside the first run's
+    intervals (at least 90%), and the autoregressive A/A control's interval around 1.00. A benchmark of
+    this machine's noise, not a test: run it on a quiet machine."""
+    install(session)
+    for name in ("noise-a", "noise-b"):
+        session.run("skipbench", "sweep", "sweeps/ci-smoke.toml", "--control", "--out", f"runs/{name}", "--force",
+                    "--no-report")
+    session.run("python", "-c", NOISE_CHECK)
+
+
+NOISE_CHECK = """
+from skipbench.compare import compare_runs
+from skipbench.summary import load_summary
+covered, total = compare_runs("runs/noise-a", "runs/noise-b").coverage
+print(f"interval coverage: {covered}/{total} = {covered / total:.0%} of the second run's speedups")
+for run in ("runs/noise-a", "runs/noise-b"):
+    control = load_summary(run)[0].query("replica == 1 and backend == 'native'").iloc[0]
+    print(f"{run}: A/A control {control.speedup:.3f}x [{control.speedup_low:.3f}, {control.speedup_high:.3f}]")
+assert covered >= 0.9 * total, "the intervals do not predict a rerun"
+"""
+
+
+@nox.session
 def smoke(session: nox.Session) -> None:
     install(session)
     session.run("skipbench", "sweep", "sweeps/ci-smoke.toml", "--out", "runs/ci-smoke", "--force")

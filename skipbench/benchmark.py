@@ -29,11 +29,16 @@ def filler_prompt(tokens: int, seed: int = 0) -> str:
     return " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 8))) for _ in range(tokens * 2))
 
 
-def benchmark_cells(exits: list[int], speculations: list[int], draft: str | None, hf: bool) -> list[Cell]:
-    cells = [Cell("autoregressive")]
-    cells += [Cell("self_speculative", e, k) for e in exits for k in speculations]
-    if draft:
-        cells.append(Cell("speculative", None, 4, draft))
+def benchmark_cells(exits: list[int], speculations: list[int], draft: str | None, hf: bool,
+                    compiled: bool = True) -> list[Cell]:
+    """skipbench's engine eager and compiled, and transformers' paths (eager, static cache compiled,
+    assistant_early_exit, assistant_model), all in one group: every ratio is paired by round."""
+    cells = []
+    for backend in ("native", "compiled") if compiled else ("native",):
+        cells.append(Cell("autoregressive", backend=backend))
+        cells += [Cell("self_speculative", e, k, backend=backend) for e in exits for k in speculations]
+        if draft:
+            cells.append(Cell("speculative", None, 4, draft, backend=backend))
     if hf:
         cells += [Cell("autoregressive", backend="hf"), Cell("autoregressive", backend="hf_static")]
         cells += [Cell("self_speculative", e, 4, backend="hf") for e in exits]
@@ -45,13 +50,13 @@ def benchmark_cells(exits: list[int], speculations: list[int], draft: str | None
 def run_benchmark(model: str, draft: str | None, exits: list[int], speculations: list[int], out_dir: Path, *,
                   prompt_tokens: int = 512, new_tokens: int = 128, prompts: int = 3, repeats: int = 3,
                   dtype: str = "auto", device: str = "auto", threads: int | None = None, hf: bool = True,
-                  progress: Progress | None = None) -> dict:
+                  compiled: bool = True, progress: Progress | None = None) -> dict:
     """Measure the roofline and every path; write RUN/benchmark.{json,md}; return the summary dict."""
     torch_device = resolve_device(device)
     setup = Setup(model=model, prompts=tuple(filler_prompt(prompt_tokens, seed) for seed in range(prompts)),
                   max_prompt_tokens=prompt_tokens, max_new_tokens=new_tokens, dtype=dtype, device=device,
                   warmup=2, repeats=repeats, threads=threads)
-    store = execute(setup, benchmark_cells(exits, speculations, draft, hf), out_dir, progress=progress)
+    store = execute(setup, benchmark_cells(exits, speculations, draft, hf, compiled), out_dir, progress=progress)
     peaks = measure_roofline(torch_device, resolve_dtype(dtype, torch_device))
     summary_frame, manifest = load_summary(out_dir)
     frame = store.read_cells()
@@ -71,9 +76,13 @@ def run_benchmark(model: str, draft: str | None, exits: list[int], speculations:
                      "tokens_per_s_low": row["tokens_per_s_low"], "tokens_per_s_high": row["tokens_per_s_high"],
                      "roofline_fraction": row["tokens_per_s"] / roofline_tokens_per_s,
                      "speedup_vs_native_ar": versus[0], "speedup_vs_native_ar_low": versus[1],
-                     "speedup_vs_native_ar_high": versus[2], "tokens_per_verify_step": row["tokens_per_step"]})
+                     "speedup_vs_native_ar_high": versus[2], "speedup": row["speedup"],
+                     "speedup_low": row["speedup_low"], "speedup_high": row["speedup_high"],
+                     "predicted_speedup": row.get("predicted_speedup_time", float("nan")),
+                     "tokens_per_verify_step": row["tokens_per_step"]})
     provenance = manifest["provenance"]
     summary = {"model": model, "device": provenance["device"], "dtype": provenance["dtype"],
+               "compile_seconds": provenance.get("compile_seconds", {}),
                "threads": provenance["cpu_threads"], "torch": provenance["torch_version"],
                "transformers": provenance["transformers_version"], "weight_bytes": weight_bytes,
                "roofline_tokens_per_s": roofline_tokens_per_s, **peaks, "prompt_tokens": prompt_tokens,
@@ -91,13 +100,19 @@ def benchmark_markdown(summary: dict) -> str:
               f"{summary['transformers']}.\nCopy bandwidth {summary['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s -> "
               f"autoregressive roofline {summary['roofline_tokens_per_s']:.1f} tokens/s. {summary['prompts']} "
               f"prompts of {summary['prompt_tokens']} tokens, {summary['new_tokens']} new tokens, "
-              f"{summary['repeats']} interleaved rounds after warm-up; 95% intervals.\n\n")
+              f"{summary['repeats']} interleaved rounds after warm-up; 95% intervals. \"own AR\": the "
+              f"autoregressive cell of the same backend (native, compiled, hf).\n\n")
     table = pd.DataFrame([{
         "decoding": row["decoding"],
         "tokens/s": with_interval(row["tokens_per_s"], row["tokens_per_s_low"], row["tokens_per_s_high"], "{:.1f}"),
         "fraction of roofline": number(row["roofline_fraction"], "{:.0%}"),
         "speedup vs native AR": with_interval(row["speedup_vs_native_ar"], row["speedup_vs_native_ar_low"],
                                               row["speedup_vs_native_ar_high"]),
+        "speedup vs own AR": with_interval(row["speedup"], row["speedup_low"], row["speedup_high"]),
+        "predicted (time model)": number(row["predicted_speedup"], "{:.2f}x"),
+        "measured / predicted": number(row["speedup"] / row["predicted_speedup"], "{:.0%}"),
         "tokens per verify step": number(row["tokens_per_verify_step"], "{:.2f}"),
     } for row in summary["rows"]])
-    return header + to_markdown(table)
+    compiled = "; ".join(f"{name} {seconds:.1f} s" for name, seconds in summary.get("compile_seconds", {}).items())
+    footer = f"\nCompile time, outside every cell's time: {compiled}.\n" if compiled else ""
+    return header + to_markdown(table) + footer

@@ -216,15 +216,25 @@ def short_label(cell) -> str:
     return " ".join(parts)
 
 
-def print_summary(store) -> None:
-    """The run's cells in the order asked for; fits an 80-column terminal. Failed cells and warnings after."""
+def print_summary(store, device: str | None = None) -> None:
+    """The run's cells in the order asked for; fits an 80-column terminal. Failed cells and warnings after.
+    A run timed on several devices gets a table per device: times are never pooled across devices."""
     from skipbench.spec import Cell
-    from skipbench.summary import load_summary
+    from skipbench.summary import NOISY, load_summary, run_devices
     from skipbench.tables import number, with_interval
 
-    summary, manifest = load_summary(store.root)
+    devices = run_devices(store.root) if device is None else []
+    if len(devices) > 1:
+        out.print(escape(f"rows timed on {len(devices)} devices: one table per device"), soft_wrap=True)
+        for name in devices:
+            print_summary(store, name)
+        for error in store.errors():
+            out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}", soft_wrap=True)
+        return
+    summary, manifest = load_summary(store.root, device=device)
     target = (manifest.get("models") or {}).get("target") or {}
     title = f"{target.get('name')}{' (SYNTHETIC weights)' if target.get('synthetic') else ''}: {store.root}"
+    title += f" on {device}" if device else ""
     table = Table(title=escape(title), title_justify="left", pad_edge=False)
     for name in ("cell", "tok/s", "speedup [95% CI]", "accept", "tok/step", "lossless"):
         table.add_column(name, justify="left" if name == "cell" else "right", no_wrap=True)
@@ -238,11 +248,17 @@ def print_summary(store) -> None:
                       number(row["lossless"], "{:.0%}"))
     out.print(table)
     for index, name in enumerate(drafts):
-        out.print(escape(f"d{index + 1}: draft model {name}"))
+        out.print(escape(f"d{index + 1}: draft model {name}"), soft_wrap=True)
+    noisy = [row for row in summary.to_dict("records") if any(w.startswith("noisy") for w in row["warnings"])]
+    if noisy:
+        out.print(f"[yellow]warning[/]: {len(noisy)} of {len(summary)} cells have speedup intervals wider than "
+                  f"+-{NOISY:.0%} (tables/efficiency.md lists them): add --repeats or prompts, or measure on a "
+                  f"quieter machine")
     for row in summary.to_dict("records"):
         for warning in row["warnings"]:
-            out.print(f"[yellow]warning[/] {escape(row['cell_label'])}: {escape(warning)}", soft_wrap=True)
-    for error in store.errors():
+            if not warning.startswith("noisy"):
+                out.print(f"[yellow]warning[/] {escape(row['cell_label'])}: {escape(warning)}", soft_wrap=True)
+    for error in store.errors() if device is None else []:
         out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}", soft_wrap=True)
 
 
@@ -273,12 +289,29 @@ RepeatsOpt = typer.Option(None, "--repeats", help="Timed rounds per cell, interl
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: half the cores).")
 ExecuteOpt = typer.Option(None, "--execute-code/--no-execute-code",
                           help="Run HumanEval completions against their tests (pass@1) in a sandbox.")
+CompileOpt = typer.Option(False, "--compile", help="Run skipbench's engine with static shapes and torch.compile "
+                          "(CUDA graphs on a GPU): the 'native' backend becomes 'compiled'. Compile time is "
+                          "reported apart, never inside a cell's time.")
 UncontainedOpt = typer.Option(False, "--execute-code-uncontained",
                               help="Where no namespace sandbox is available, run model-written code with only "
                                    "resource limits: it can read and write your files and use the network.")
 OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: derived from the setup, so rerunning the "
                       "same command resumes).")
 ForceOpt = typer.Option(False, "--force", help="Delete the run directory's cells and start over.")
+LauncherOpt = typer.Option(None, "--launcher", help="Where cells run: local (this process; default), ray (a worker "
+                           "per GPU of a Ray cluster, or a local cluster if none runs) or slurm (array tasks via "
+                           "submitit). Needs pip install 'skipbench[ray]' or 'skipbench[slurm]'.")
+WorkersOpt = typer.Option(None, "--workers", help="ray: workers (default: the cluster's GPUs, else 2); slurm: array "
+                          "tasks (default: --max-parallel, else 8). Each measures a group of cells with its own "
+                          "baseline.")
+AddressOpt = typer.Option(None, "--address", help="ray: auto (a running cluster) or HOST:PORT (default: a running "
+                          "cluster, else a new local one).")
+GpusPerWorkerOpt = typer.Option(None, "--gpus-per-worker", help="ray, slurm: GPUs per worker (default 1).")
+PartitionOpt = typer.Option(None, "--partition", help="slurm: the partition to submit to.")
+TimeMinOpt = typer.Option(None, "--time-min", help="slurm: each task's time limit in minutes (default 240).")
+MaxParallelOpt = typer.Option(None, "--max-parallel", help="slurm: array tasks running at once.")
+DetachOpt = typer.Option(False, "--detach", help="slurm: submit and return; the same command again waits for the "
+                         "tasks and collects (skipbench report shows what has finished).")
 
 
 def setup_options(**options) -> dict:
@@ -290,19 +323,32 @@ def setup_options(**options) -> dict:
 
 
 def measure_and_print(setup: spec.Setup, cells: list, target: Path, force: bool, report: bool,
-                      command: str = "sweep"):
-    from skipbench.sweep import check_plan, execute
+                      command: str = "sweep", launch=None):
+    from skipbench.launch import local
+    from skipbench.sweep import check_plan
     from skipbench.tables import write_report
 
-    check_plan(setup, cells)  # a typo is one line, before anything else is printed
-    console.print(escape(f"{command}: {len(cells)} cell(s) of {setup.model} -> {target}"), soft_wrap=True)
-    with RichProgress() as progress:
-        store = execute(setup, cells, target, force=force, progress=progress)
+    if launch is not None and launch.launcher != "local":  # ray or slurm: workers measure, this process records
+        from skipbench.launch import run as launch_run
+        from skipbench.launch.progress import RichBoard
+
+        with RichBoard(console) as board:
+            launched = launch_run(launch, setup, cells, target, force=force, board=board)
+        store = launched.store
+        if launched.running:  # --detach: nothing to print yet
+            out.print(escape(launched.note), soft_wrap=True)
+            return store
+    else:
+        check_plan(setup, cells)  # a typo is one line, before anything else is printed
+        console.print(escape(f"{command}: {len(cells)} cell(s) of {setup.model} -> {target}"), soft_wrap=True)
+        with RichProgress() as progress:
+            store = local.run(setup, cells, target, force=force, progress=progress)
     print_summary(store)
     if report:
         files = write_report(store.root)
-        out.print(escape(f"tables and plots: {store.root / 'tables'}, {store.root / 'plots'} ({len(files)} files)"))
-    out.print(escape(f"records: {store.root}"))
+        out.print(escape(f"tables and plots: {store.root / 'tables'}, {store.root / 'plots'} ({len(files)} files)"),
+                  soft_wrap=True)
+    out.print(escape(f"records: {store.root}"), soft_wrap=True)
     return store
 
 
@@ -355,7 +401,7 @@ def run(
     max_new_tokens: int = MaxNewOpt, stop: list[str] = StopOpt, sample: bool = SampleOpt,
     temperature: float = TemperatureOpt, top_p: float = TopPOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
     warmup: int = WarmupOpt, repeats: int = RepeatsOpt, threads: int = ThreadsOpt, execute_code: bool = ExecuteOpt,
-    execute_code_uncontained: bool = UncontainedOpt,
+    execute_code_uncontained: bool = UncontainedOpt, compile: bool = CompileOpt,
 ) -> None:
     """Decode a prompt set with one strategy (and the autoregressive baseline) and store the records."""
     from skipbench.models import num_layers_of, pretrained_config
@@ -372,6 +418,7 @@ def run(
         if setup.dataset is None and not setup.prompts:
             setup = replace(setup, prompts=("def fibonacci(n):",))
         setup = allow_execution(setup, execute_code, execute_code_uncontained)
+        backend = methods.compiled_backend(backend) if compile else backend
         method = methods.method_for(strategy, backend)
         if method.speculates and num_speculations is None:
             num_speculations = 4
@@ -389,9 +436,11 @@ def run(
 
 
 # `skipbench sweep` with no arguments: a real sweep on the offline default model, a few minutes on 2 CPU cores.
-DEFAULT_SWEEP = spec.SweepFile(setup=dict(model="smollm2-135m", dataset="humaneval", num_samples=6,
-                                          max_new_tokens=64, stop_sequences=["\ndef ", "\nclass ", "\nif __name__"]),
-                               grid=dict(exits="8,16,24", speculations="2,4"), out=None, train=[])
+# No stop sequences: SmolLM2 often opens a HumanEval completion with "\n#" or "\ndef", where the Codex stops
+# would end it after a token or two and prefill would be most of the time; the default measures decoding.
+DEFAULT_SWEEP = spec.SweepFile(setup=dict(model="smollm2-135m", dataset="humaneval", num_samples=3,
+                                          max_new_tokens=48, stop_sequences=[]),
+                               grid=dict(exits="8,16,24", speculations="2"), out=None, train=[])
 
 
 @app.command()
@@ -415,9 +464,13 @@ def sweep(
     max_new_tokens: int = MaxNewOpt, stop: list[str] = StopOpt, sample: bool = SampleOpt,
     temperature: float = TemperatureOpt, top_p: float = TopPOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
     warmup: int = WarmupOpt, repeats: int = RepeatsOpt, threads: int = ThreadsOpt, execute_code: bool = ExecuteOpt,
-    execute_code_uncontained: bool = UncontainedOpt,
+    execute_code_uncontained: bool = UncontainedOpt, compile: bool = CompileOpt,
+    launcher: str = LauncherOpt, workers: int = WorkersOpt, address: str = AddressOpt,
+    gpus_per_worker: int = GpusPerWorkerOpt, partition: str = PartitionOpt, time_min: int = TimeMinOpt,
+    max_parallel: int = MaxParallelOpt, detach: bool = DetachOpt,
 ) -> None:
     """Sweep exit layers, draft lengths and draft models; the autoregressive baseline is always included."""
+    from skipbench import launch as launching
     from skipbench import sweep as sweeping
 
     with handled(force):
@@ -430,15 +483,18 @@ def sweep(
         grid = dict(exits=exits, speculations=speculations, strategies=strategies, backends=backends,
                     draft_models=list(draft_model) if draft_model else None, control=control)
         default = replace(DEFAULT_SWEEP, setup=dict(DEFAULT_SWEEP.setup), grid=dict(DEFAULT_SWEEP.grid))
-        plan = sweeping.plan(sweep_file, given, grid, out_dir, default)
+        plan = sweeping.plan(sweep_file, given, grid, out_dir, default, compile=compile)
         plan.setup = allow_execution(plan.setup, execute_code, execute_code_uncontained)
+        launch = launching.merged(plan.launch, launcher=launcher, workers=workers, address=address,
+                                  gpus_per_worker=gpus_per_worker, partition=partition, time_min=time_min,
+                                  max_parallel=max_parallel, detach=detach)
         began = time.perf_counter()
         outcome = sweeping.run(plan, force=force,
-                               measure=lambda s, c, t, f: measure_and_print(s, c, t, f, report),
+                               measure=lambda s, c, t, f: measure_and_print(s, c, t, f, report, launch=launch),
                                train=lambda options: run_train(train_config(**options)),
                                note=lambda text: console.print(escape(text)))
         for file in outcome.files:
-            out.print(escape(f"wrote {file}"))
+            out.print(escape(f"wrote {file}"), soft_wrap=True)
         console.print(escape(f"sweep done in {sweeping.elapsed(began)}"))
     finish(outcome.stores, force)
 
@@ -489,6 +545,7 @@ def benchmark(
     prompt_tokens: int = typer.Option(512, "--prompt-tokens"), new_tokens: int = typer.Option(128, "--new-tokens"),
     prompts: int = typer.Option(3, "--prompts", help="Prompts (each timed in every round)."),
     repeats: int = RepeatsOpt, hf: bool = typer.Option(True, "--hf/--no-hf"),
+    compiled: bool = typer.Option(True, "--compiled/--no-compiled", help="Also the compiled engine."),
     dtype: str = typer.Option("auto", "--dtype"), device: str = typer.Option("auto", "--device"),
     threads: int = ThreadsOpt, out_dir: Path = typer.Option(None, "--out", "-o"),
 ) -> None:
@@ -504,7 +561,7 @@ def benchmark(
             summary = run_benchmark(model, draft_model or None, spec.parse_range(exits),
                                     spec.parse_range(speculations), target, prompt_tokens=prompt_tokens,
                                     new_tokens=new_tokens, prompts=prompts, repeats=repeats or 3, dtype=dtype,
-                                    device=device, threads=threads, hf=hf, progress=progress)
+                                    device=device, threads=threads, hf=hf, compiled=compiled, progress=progress)
         out.print(escape(benchmark_markdown(summary)))
 
 
@@ -558,7 +615,7 @@ def run_train(config) -> None:
     for layer, agreement in result.agreement_by_layer.items():
         table.add_row(str(layer), f"{agreement:.3f}", f"{result.loss_by_layer[layer]:.3f}")
     out.print(table)
-    out.print(escape(f"checkpoint: {result.out_dir} (use --model {result.out_dir})"))
+    out.print(escape(f"checkpoint: {result.out_dir} (use --model {result.out_dir})"), soft_wrap=True)
 
 
 def parse_fraction(text: str) -> float:
@@ -602,7 +659,7 @@ def report(
         if overlay:
             files += overlay_plot([load_summary(path)[0] for path in runs], names, run_dir / "plots" / "overlay")
         out.print(escape(efficiency_markdown(run_dir)))
-        out.print(escape(f"wrote {len(files)} files under {run_dir}/tables and {run_dir}/plots"))
+        out.print(escape(f"wrote {len(files)} files under {run_dir}/tables and {run_dir}/plots"), soft_wrap=True)
 
 
 @app.command()
@@ -622,22 +679,12 @@ def compare(
         comparison = compare_runs(base_dir, new_dir, max_slowdown=parse_fraction(max_slowdown),
                                   max_acceptance_drop=max_acceptance_drop, max_quality_drop=max_quality_drop,
                                   allow_missing=allow_missing)
-    out.print(format_comparison(_escaped(comparison)))
+    out.print(format_comparison(comparison))
     for problem in comparison.problems:
         out.print(f"[red]regression[/]: {escape(problem)}")
     if not comparison.ok:
         raise typer.Exit(EXIT_REGRESSION)
     out.print("[green]no regression[/]")
-
-
-def _escaped(comparison):
-    """The comparison with its user text (cell labels name draft models, run paths) escaped for rich."""
-    rows = comparison.rows.copy()
-    for column in ("cell", "reason"):
-        if column in rows:
-            rows[column] = [escape(value) if isinstance(value, str) else value for value in rows[column]]
-    return replace(comparison, rows=rows, base_dir=Path(escape(str(comparison.base_dir))),
-                   new_dir=Path(escape(str(comparison.new_dir))), notes=[escape(n) for n in comparison.notes])
 
 
 def main() -> None:

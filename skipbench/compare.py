@@ -46,6 +46,18 @@ class Comparison:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def coverage(self) -> tuple[int, int]:
+        """(cells whose new speedup lies inside the base run's 95% interval, cells with both): how well one
+        run's intervals predict a rerun. Measured again with the same code, most cells should be covered."""
+        rows = self.rows
+        if rows.empty or "new_speedup" not in rows or "base_speedup_low" not in rows:
+            return 0, 0
+        both = rows[rows["base_speedup_low"].notna() & rows["new_speedup"].notna()
+                    & (rows["base_speedup_low"] != rows["base_speedup_high"])]
+        inside = (both["base_speedup_low"] <= both["new_speedup"]) & (both["new_speedup"] <= both["base_speedup_high"])
+        return int(inside.sum()), len(both)
+
 
 def _decoding(manifest: dict) -> dict:
     setup, prompts = manifest.get("setup") or {}, manifest.get("prompts") or {}
@@ -244,30 +256,35 @@ def _judge(base: _Run, new: _Run, identity: tuple, b: dict, n: dict, row: dict, 
 
 
 def format_comparison(comparison: Comparison):
-    """A rich Table of the per-cell comparison; problems and notes in its caption."""
+    """A rich Table of the per-cell comparison; problems and notes in its caption. User text (cell labels name
+    draft models; run paths) is escaped: rich would read `[...]` in it as markup."""
+    from rich.markup import escape
     from rich.table import Table
 
     status = "[green]OK[/]" if comparison.ok else f"[red]FAIL[/] ({len(comparison.problems)} problems)"
-    table = Table(title=f"compare {comparison.base_dir} -> {comparison.new_dir}: {status}", title_justify="left")
+    table = Table(title=f"compare {escape(str(comparison.base_dir))} -> {escape(str(comparison.new_dir))}: {status}",
+                  title_justify="left")
     for name in ("cell", "speedup base -> new", "ratio", "acceptance", "lossless", "verdict", "reason"):
         table.add_column(name, justify="left" if name in ("cell", "verdict", "reason") else "right", overflow="fold")
     colors = {"ok": "green", "faster": "cyan", "FAIL": "red", "missing in new": "red", "only in new": "yellow"}
     for row in comparison.rows.to_dict("records"):
         get = row.get
         table.add_row(
-            str(row["cell"]),
+            escape(str(row["cell"])),
             f"{with_interval(get('base_speedup'), get('base_speedup_low'), get('base_speedup_high'))} -> "
             f"{with_interval(get('new_speedup'), get('new_speedup_low'), get('new_speedup_high'))}",
             with_interval(get("speedup_ratio"), get("speedup_ratio_low"), get("speedup_ratio_high"), "{:.3f}"),
             f"{number(get('base_acceptance_rate'))} -> {number(get('new_acceptance_rate'))}",
             f"{number(get('base_lossless'), '{:.0%}')} -> {number(get('new_lossless'), '{:.0%}')}",
             f"[{colors.get(row['verdict'], 'white')}]{row['verdict']}[/]",
-            str(get("reason") or ""),
+            escape(str(get("reason") or "")),
         )
     mode = "exact counts (CPU float32 greedy)" if comparison.deterministic else "counts with tolerance"
+    covered, total = comparison.coverage
     caption = [f"{mode}; a slowdown fails when the new speedup interval lies below the base interval lowered by "
-               f"{comparison.settings.get('max_slowdown', 0):.0%}"]
-    table.caption = "\n".join(caption + [f"note: {note}" for note in comparison.notes])
+               f"{comparison.settings.get('max_slowdown', 0):.0%}",
+               f"interval coverage: {covered}/{total} new speedups inside the base run's 95% interval"]
+    table.caption = "\n".join(caption + [f"note: {escape(note)}" for note in comparison.notes])
     table.caption_justify = "left"
     return table
 

@@ -274,21 +274,17 @@ class PassCosts:
 
     flops: dict[str, float]  # prefill, draft, verify, wasted, total
     bytes: dict[str, float]
-    seconds: float | None  # time-model prediction, when peaks are given
 
 
-def costs_of_passes(passes: pd.DataFrame, shapes: Mapping[str, ModelShape], *, peak_bandwidth: float | None = None,
-                    peak_flops: float | None = None) -> PassCosts:
+def costs_of_passes(passes: pd.DataFrame, shapes: Mapping[str, ModelShape]) -> PassCosts:
     """Sum the analytical costs of recorded passes. ``shapes`` maps each pass's model ("target", "draft").
 
     Wasted work is a pass's cost minus that of its kept part (the ``kept_*`` fields): work on positions
     past the step's rollback, and a draft head that proposed a rejected token. It is part of the draft
-    and verify work, not an extra term. With both peaks, ``seconds`` is the time model
-    Σ max(bytes / peak_bandwidth, FLOPs / peak_flops) over the passes.
+    and verify work, not an extra term.
     """
     flops = dict.fromkeys((*PHASES, "wasted", "total"), 0.0)
     moved = dict.fromkeys((*PHASES, "wasted", "total"), 0.0)
-    seconds = 0.0 if peak_bandwidth and peak_flops else None
     for model, part in passes.groupby("model"):
         shape = shapes[model]
         span = part["start"].to_numpy(), part["end"].to_numpy()
@@ -303,11 +299,9 @@ def costs_of_passes(passes: pd.DataFrame, shapes: Mapping[str, ModelShape], *, p
             moved[phase] += pass_b[chosen].sum()
         flops["wasted"] += (pass_f - pass_flops(shape, *kept)).sum()
         moved["wasted"] += (pass_b - pass_bytes(shape, *kept)).sum()
-        if seconds is not None:
-            seconds += np.maximum(pass_b / peak_bandwidth, pass_f / peak_flops).sum()
     flops["total"] = sum(flops[phase] for phase in PHASES)
     moved["total"] = sum(moved[phase] for phase in PHASES)
-    return PassCosts(flops, moved, seconds)
+    return PassCosts(flops, moved)
 
 
 def final_cache_tokens(passes: pd.DataFrame, model: str, end: int | None = None) -> int:

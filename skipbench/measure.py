@@ -14,8 +14,9 @@ the run with an error, since it means the engine is not deterministic.
 
 from __future__ import annotations
 
+import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ from skipbench.methods import BuildContext
 from skipbench.models import LoadedModel
 from skipbench.prompts import Prompt, PromptSet
 from skipbench.spec import Cell, Setup
-from skipbench.store import RunStore
+from skipbench.store import RunStore, device_name
 
 COUNT_COLUMNS = ("new_tokens", "drafted", "accepted", "verify_steps", "tokens")
 
@@ -186,15 +187,27 @@ def _check_repeat(cell: Cell, first: dict | None, row: dict, sampled: bool) -> N
                                    f"exactly; this is a bug, please report it")
 
 
-def measure_group(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], prompt_set: PromptSet,
-                  store: RunStore, *, repeats: int, sampled: bool, progress: Progress, group: int = 0) -> GroupRows:
-    """Run the rounds the group still needs; return every row of its cells.
+@dataclass(frozen=True)
+class Event:
+    """One thing a group's measurement reports, in order. A consumer records them: the run's store, in the
+    same process or on the driver of remote workers (`record`)."""
+
+    kind: str  # "plan" | "warming" | "row" | "round" | "done" | "skipped" | "failed"
+    key: str | None = None
+    row: dict | None = None
+    text: str = ""  # "failed": the error
+    numbers: tuple[int, ...] = ()  # "plan": (generations, rounds); "round": (index, rounds)
+
+
+def measure(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], prompt_set: PromptSet,
+            stored: GroupRows, *, repeats: int, sampled: bool, group: int = 0) -> Iterator[Event]:
+    """Run the rounds a group still needs after its `stored` rows, as events.
 
     `cells` maps key -> cell, the autoregressive baseline(s) among them. A cell takes part in as many rounds
     as its least-measured prompt lacks; a baseline joins every (prompt, round) that any cell measures. A
-    cell that fails is recorded with its error and leaves the schedule; a failing baseline fails the group.
+    cell that fails is reported with its error and leaves the schedule; a failing baseline fails the group.
     """
-    rows = consolidate(store, cells, group)
+    rows = GroupRows({key: list(value) for key, value in stored.rows.items()})
     prompts = prompt_set.prompts
     baselines = [key for key, cell in cells.items() if not cell.method.speculates]
     before = {key: {prompt.index: rows.count(key, prompt.index) for prompt in prompts} for key in cells}
@@ -203,9 +216,9 @@ def measure_group(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner],
         return before[key][prompt.index] + session_round < repeats
 
     needed = {key: max(repeats - min(before[key].values()), 0) for key in cells}
-    for key, cell in cells.items():
+    for key in cells:
         if needed[key] == 0 and key not in baselines:
-            progress.cell_done(cell, "skipped")
+            yield Event("skipped", key)
     schedule = []  # (session round, prompt, keys in the order they run)
     for session_round in range(max(needed.values(), default=0)):
         for prompt in prompts:
@@ -215,17 +228,17 @@ def measure_group(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner],
                 shift = (session_round * len(prompts) + prompt.index) % len(keys)
                 schedule.append((session_round, prompt, keys[shift:] + keys[:shift]))
     if not schedule:
-        return rows
+        return
     active = list(dict.fromkeys(key for _, _, keys in schedule for key in keys))
     rounds = schedule[-1][0] + 1
-    progress.plan([cells[key] for key in active], sum(len(keys) for _, _, keys in schedule), rounds)
+    yield Event("plan", numbers=(sum(len(keys) for _, _, keys in schedule), rounds), text=" ".join(active))
 
     built: dict[str, CellRunner] = {}
     failed: dict[str, str] = {}
 
     def attempt(key: str, action: Callable[[], object]):
         try:
-            return action()
+            return action(), None
         except (MeasurementError, KeyboardInterrupt):
             raise
         except Exception as error:  # any failure of one method must not stop the others (recorded, retried)
@@ -234,45 +247,79 @@ def measure_group(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner],
                 raise MeasurementError(f"the baseline {cells[key].label()} failed, so no cell of this group can be "
                                        f"timed: {message}") from error
             failed[key] = message
-            store.write_error(key, cells[key], message)
-            progress.cell_done(cells[key], f"failed: {message}")
             _empty_cache()
-            return None
+            return None, Event("failed", key, text=message)
 
     for key in active:
-        progress.warming_up(cells[key])
-        runner = attempt(key, lambda key=key: runners(cells[key]))
-        if runner is not None:
-            attempt(key, runner.warm_up)
-            if key not in failed:
-                built[key] = runner
+        yield Event("warming", key)
+        runner, failure = attempt(key, lambda key=key: runners(cells[key]))
+        if failure is None:
+            _, failure = attempt(key, runner.warm_up)
+        if failure is not None:
+            yield failure
+        else:
+            built[key] = runner
     first_round = rows.last_round() + 1
     device = next(iter(built.values())).device
+    where = {"host": platform.node(), "device": device_name(device)}
     for session_round, prompt, keys in schedule:
         for key in keys:
             if key in failed:
                 continue
             _reset_peak(device)
-            generation = attempt(key, lambda key=key, prompt=prompt: built[key].generate(prompt))
-            if generation is None:
+            generation, failure = attempt(key, lambda key=key, prompt=prompt: built[key].generate(prompt))
+            if failure is not None:
+                yield failure
                 continue
             first = rows.first(key, prompt.index)
             scored = {name: value for name, value in first.items() if name.startswith("quality_")} if first else None
-            row = built[key].row(prompt, generation, scored) | {
+            row = built[key].row(prompt, generation, scored) | where | {
                 "group": group, "round": first_round + session_round, "repeat": rows.count(key, prompt.index),
                 "peak_mem_bytes": _peak(device)}
             _check_repeat(cells[key], first, row, sampled)
-            store.append_journal(row | {"cell_key": key}, group)
             rows.add(key, row)
-            progress.generation_done(cells[key], row)
+            yield Event("row", key, row)
         if prompt is prompts[-1]:
-            progress.round_done(session_round, rounds)
+            yield Event("round", numbers=(session_round, rounds))
     for key in active:
         if key not in failed:
-            store.write_cell(key, cells[key], rows.rows[key], group)
-            progress.cell_done(cells[key], "done")
+            yield Event("done", key)
+
+
+def record(events: Iterator[Event], store: RunStore, cells: dict[str, Cell], stored: GroupRows, progress: Progress,
+           group: int = 0) -> GroupRows:
+    """Write a group's events into the run: each row to the journal at once (so an interruption loses at most
+    the generation in progress), each finished cell to its file, each failure to its error record."""
+    rows = GroupRows({key: list(value) for key, value in stored.rows.items()})
+    for event in events:
+        if event.kind == "row":
+            store.append_journal(event.row | {"cell_key": event.key}, group)
+            rows.add(event.key, event.row)
+            progress.generation_done(cells[event.key], event.row)
+        elif event.kind == "done":
+            store.write_cell(event.key, cells[event.key], rows.rows[event.key], group)
+            progress.cell_done(cells[event.key], "done")
+        elif event.kind == "failed":
+            store.write_error(event.key, cells[event.key], event.text)
+            progress.cell_done(cells[event.key], f"failed: {event.text}")
+        elif event.kind == "skipped":
+            progress.cell_done(cells[event.key], "skipped")
+        elif event.kind == "plan":
+            progress.plan([cells[key] for key in event.text.split()], *event.numbers)
+        elif event.kind == "warming":
+            progress.warming_up(cells[event.key])
+        elif event.kind == "round":
+            progress.round_done(*event.numbers)
     store.drop_journal(group)
     return rows
+
+
+def measure_group(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], prompt_set: PromptSet,
+                  store: RunStore, *, repeats: int, sampled: bool, progress: Progress, group: int = 0) -> GroupRows:
+    """Measure a group in this process, recording into `store`; return every row of its cells."""
+    stored = consolidate(store, cells, group)
+    events = measure(cells, runners, prompt_set, stored, repeats=repeats, sampled=sampled, group=group)
+    return record(events, store, cells, stored, progress, group)
 
 
 def _first_line(error: Exception) -> str:

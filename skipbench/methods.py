@@ -14,13 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-from skipbench.decoding.record import Generation
-from skipbench.decoding.sampling import Sampler
 from skipbench.errors import SpecError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and the engines load when a decoder is built, not when the CLI parses its options
+    import torch
+
+    from skipbench.decoding.record import Generation
+    from skipbench.decoding.sampling import Sampler
     from skipbench.models import LoadedModel
     from skipbench.spec import Cell
 
@@ -36,28 +36,29 @@ class Decoder(Protocol):
 
 @dataclass
 class BuildContext:
-    """What the cells of a run share when their decoders are built: whether the native engine is compiled,
-    the static cache capacity and compiled shapes that implies, and one engine per model (so a model is
-    compiled once and every cell reuses it)."""
+    """What the cells of a run share when their decoders are built: one engine per model and kind (eager or
+    compiled), so that a model is compiled once and every cell reuses it, and the one static cache
+    capacity (the longest prompt, the token budget and the longest draft) compiled engines need."""
 
-    compile: bool = False
     capacity: int = 0
+    sample: bool = False  # which draft path runs (greedy drafts a whole phase in one call), hence what compiles
     stacks: dict = field(default_factory=dict)
 
     @classmethod
-    def for_run(cls, compile: bool, cells: Sequence[Cell], longest_prompt: int, max_new_tokens: int) -> BuildContext:
+    def for_run(cls, cells: Sequence[Cell], longest_prompt: int, max_new_tokens: int,
+                sample: bool = False) -> BuildContext:
         most = max(cell.num_speculations or 0 for cell in cells)
-        return cls(compile, capacity=longest_prompt + max_new_tokens + most + 1)
+        return cls(capacity=longest_prompt + max_new_tokens + most + 1, sample=sample)
 
-    def stack(self, loaded: LoadedModel):
+    def stack(self, loaded: LoadedModel, compiled: bool = False):
         from skipbench.decoding.layers import DecoderStack
 
-        if loaded.name not in self.stacks:  # refuses architectures the engine cannot drive
-            self.stacks[loaded.name] = DecoderStack(loaded.model, compile=self.compile, capacity=self.capacity)
-        return self.stacks[loaded.name]
+        if (loaded.name, compiled) not in self.stacks:  # refuses architectures the engine cannot drive
+            self.stacks[loaded.name, compiled] = DecoderStack(loaded.model, compile=compiled, capacity=self.capacity)
+        return self.stacks[loaded.name, compiled]
 
     def compile_seconds(self) -> dict[str, float]:
-        return {name: round(stack.compile_seconds, 3) for name, stack in self.stacks.items() if stack.compiled}
+        return {name: round(stack.compile_seconds, 3) for (name, _), stack in self.stacks.items() if stack.compiled}
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class Method:
     drafter: str | None
     draft_cache: str | None
     build: Callable[[Cell, LoadedModel, LoadedModel | None, BuildContext], Decoder]
+    # Refuses (EngineError) models whose architecture the method cannot drive, before anything is timed.
+    check_models: Callable[[Cell, LoadedModel, LoadedModel | None], None] = lambda cell, target, draft: None
 
     @property
     def speculates(self) -> bool:
@@ -130,6 +133,11 @@ def baseline_strategy() -> str:
     return next(method.strategy for method in REGISTRY.values() if not method.speculates)
 
 
+def compiled_backend(backend: str) -> str:
+    """What --compile turns a backend into: skipbench's own engine runs compiled; transformers' stay as they are."""
+    return "compiled" if backend == "native" else backend
+
+
 def method_for(strategy: str, backend: str) -> Method:
     """The registered method, or one line naming what exists."""
     if strategy not in strategies():
@@ -154,6 +162,7 @@ class NativeDecoder:
     strategy: object
     num_speculations: int
     device: torch.device
+    sample: bool = False
 
     def generate(self, prompt, *, max_new_tokens, sampler, eos_ids, stop, seed) -> Generation:
         from skipbench.decoding.loop import generate
@@ -165,7 +174,7 @@ class NativeDecoder:
     def warm(self) -> None:
         from skipbench.decoding.layers import EngineError
 
-        for stack, role, passes in self.strategy.shapes(self.num_speculations):
+        for stack, role, passes in self.strategy.shapes(self.num_speculations, self.sample):
             try:
                 stack.warm(role, passes)
             except Exception as error:  # a compiler missing or failing: one line, and eager still works
@@ -174,20 +183,31 @@ class NativeDecoder:
                                   f"--compile") from error
 
 
-def _native(kind: str) -> Callable[[Cell, LoadedModel, LoadedModel | None, BuildContext], Decoder]:
+def _engine_drives(cell: Cell, target: LoadedModel, draft: LoadedModel | None) -> None:
+    from skipbench.decoding.layers import DecoderStack, EngineError
+
+    for loaded in (target, draft) if draft is not None else (target,):
+        try:
+            DecoderStack(loaded.model)
+        except EngineError as error:
+            raise EngineError(f"model {loaded.name!r}: {error}") from None
+
+
+def _native(kind: str, compiled: bool = False) -> Callable[[Cell, LoadedModel, LoadedModel | None, BuildContext],
+                                                              Decoder]:
     def build(cell: Cell, target: LoadedModel, draft: LoadedModel | None, context: BuildContext) -> Decoder:
         from skipbench.decoding.autoregressive import Autoregressive
         from skipbench.decoding.self_speculative import SelfSpeculative
         from skipbench.decoding.speculative import TwoModel
 
-        stack = context.stack(target)
+        stack = context.stack(target, compiled)
         if kind == "exit":
             strategy = SelfSpeculative(stack, cell.exit_layer)
         elif kind == "draft_model":
-            strategy = TwoModel(stack, context.stack(draft))
+            strategy = TwoModel(stack, context.stack(draft, compiled))
         else:
             strategy = Autoregressive(stack)
-        return NativeDecoder(strategy, cell.num_speculations or 0, target.model.device)
+        return NativeDecoder(strategy, cell.num_speculations or 0, target.model.device, context.sample)
 
     return build
 
@@ -215,6 +235,16 @@ class HfDecoder:
         pass  # transformers compiles its static cache path itself, in the cell's uncounted warm-up
 
 
+def _early_exit_works(cell: Cell, target: LoadedModel, draft: LoadedModel | None) -> None:
+    from skipbench.decoding.layers import EngineError
+    from skipbench.hf import check_early_exit
+
+    try:
+        check_early_exit(target.model)
+    except EngineError as error:
+        raise EngineError(f"model {target.name!r}: {error}") from None
+
+
 def _hf(static_cache: bool = False) -> Callable[[Cell, LoadedModel, LoadedModel | None, BuildContext], Decoder]:
     def build(cell: Cell, target: LoadedModel, draft: LoadedModel | None, context: BuildContext) -> Decoder:
         if cell.exit_layer is not None:
@@ -228,15 +258,24 @@ def _hf(static_cache: bool = False) -> Callable[[Cell, LoadedModel, LoadedModel 
 
 
 register(Method("autoregressive", "native", "AR", "the full model, one token per step (skipbench's engine)",
-                drafter=None, draft_cache=None, build=_native("none")))
+                drafter=None, draft_cache=None, build=_native("none"), check_models=_engine_drives))
 register(Method("speculative", "native", "2-model", "a separate draft model proposes K tokens, the target verifies",
-                drafter="draft_model", draft_cache="draft_model", build=_native("draft_model")))
+                drafter="draft_model", draft_cache="draft_model", build=_native("draft_model"),
+                check_models=_engine_drives))
 register(Method("self_speculative", "native", "self", "layers < E draft K tokens; shared KV and exit-query cache",
-                drafter="exit", draft_cache=None, build=_native("exit")))
+                drafter="exit", draft_cache=None, build=_native("exit"), check_models=_engine_drives))
+# The same engine with static shapes and torch.compile (CUDA graphs on a GPU); `--compile` selects it.
+register(Method("autoregressive", "compiled", "AR", "skipbench's engine, static shapes, torch.compile",
+                drafter=None, draft_cache=None, build=_native("none", compiled=True), check_models=_engine_drives))
+register(Method("speculative", "compiled", "2-model", "the two-model engine, static shapes, torch.compile",
+                drafter="draft_model", draft_cache="draft_model", build=_native("draft_model", compiled=True),
+                check_models=_engine_drives))
+register(Method("self_speculative", "compiled", "self", "the self-speculative engine, static shapes, torch.compile",
+                drafter="exit", draft_cache=None, build=_native("exit", compiled=True), check_models=_engine_drives))
 register(Method("autoregressive", "hf", "AR", "transformers generate()", drafter=None, draft_cache=None, build=_hf()))
 register(Method("speculative", "hf", "2-model", "transformers generate(assistant_model=D)",
                 drafter="draft_model", draft_cache="draft_model", build=_hf()))
 register(Method("self_speculative", "hf", "self", "transformers generate(assistant_early_exit=E): shares weights only",
-                drafter="exit", draft_cache="exit_layers", build=_hf()))
+                drafter="exit", draft_cache="exit_layers", build=_hf(), check_models=_early_exit_works))
 register(Method("autoregressive", "hf_static", "AR", "transformers generate() with a static, compiled cache",
                 drafter=None, draft_cache=None, build=_hf(static_cache=True)))

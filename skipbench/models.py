@@ -372,11 +372,17 @@ def gated_note(name: str) -> str:
             f"(hf auth login) and download it once with a connection{download}")
 
 
+# A file given where a checkpoint directory is expected.
+CHECKPOINT_FILES = (".gguf", ".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".json")
+
+
 def _locate(name: str) -> tuple[Path, bool, str, bool]:
     """(path, is a local directory, where to load from, Hub unreachable so only its cache may serve)."""
     path = Path(name).expanduser()
     local = path.is_dir()
-    if not local and (name.startswith((".", "/", "~")) or path.suffix):
+    # A Hub id is `name` or `owner/name`, dots allowed (meta-llama/Llama-3.2-1B); anything else is a path.
+    pathlike = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix.lower() in CHECKPOINT_FILES
+    if not local and pathlike:
         raise ModelError(f"model {name!r}: no such directory")
     # Offline, a Hub id can still load from the Hugging Face cache of an earlier download.
     return path, local, str(path.resolve()) if local else name, not local and not _hub_reachable()

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from skipbench import methods
-from skipbench.tables import draft_or_exit, exit_cells, strategy_label
+from skipbench.tables import draft_or_exit, exit_cells
 
 FORMATS = ("png", "pdf")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
@@ -66,12 +66,12 @@ def _offsets(count: int, width: float = 0.15) -> list[float]:
 
 
 def tokens_per_s_vs_exit(summary: pd.DataFrame, manifest: dict, stem: Path) -> list[Path]:
-    """Tokens/s against exit layer, one line per (backend, K) with error bars; the baselines and the
-    two-model cells as horizontal lines (with their intervals as bands)."""
+    """Tokens/s against exit layer, one line per (backend, K) with error bars; the baselines (with their
+    intervals as bands) and the two-model cells as horizontal lines. A/A controls are left out."""
     cells = exit_cells(summary)
     if cells.empty:
         return []
-    figure = _figure()
+    figure = _figure(9.0, 4.6)
     axes = figure.add_subplot()
     lines = list(cells.groupby(["backend", "num_speculations"], sort=False))
     for number, ((backend, k), line) in enumerate(lines):
@@ -80,20 +80,20 @@ def tokens_per_s_vs_exit(summary: pd.DataFrame, manifest: dict, stem: Path) -> l
         label = f"K={int(k)}" + (f" ({backend})" if cells["backend"].nunique() > 1 else "")
         axes.errorbar(x, line["tokens_per_s"], yerr=_error(line, "tokens_per_s"), linestyle=LINES[number % 4],
                       marker=MARKERS[number % len(MARKERS)], capsize=3, label=label)
-    flat = summary[summary["exit_layer"].isna()]
+    flat = summary[summary["exit_layer"].isna() & (summary["replica"] == 0)]
     for number, row in enumerate(flat.to_dict("records")):
-        name = strategy_label(row) + ("" if draft_or_exit(row) == "-" else f", {draft_or_exit(row)}")
-        name += "" if pd.isna(row["num_speculations"]) else f", K={int(row['num_speculations'])}"
         speculates = methods.method_for(row["strategy"], row["backend"]).speculates
         color = f"C{(len(lines) + number) % 10}" if speculates else "black"
-        axes.axhline(row["tokens_per_s"], color=color, linestyle=LINES[number % 4], linewidth=1, label=name)
-        if not pd.isna(row["tokens_per_s_low"]):
+        axes.axhline(row["tokens_per_s"], color=color, linestyle=LINES[number % 4], linewidth=1,
+                     label=row["cell_label"])
+        if not speculates and not pd.isna(row["tokens_per_s_low"]):
             axes.axhspan(row["tokens_per_s_low"], row["tokens_per_s_high"], color=color, alpha=0.08)
     axes.set_xlabel("exit layer")
     axes.set_ylabel("tokens / s (95% interval)")
     axes.set_xticks(sorted({int(e) for e in cells["exit_layer"]}))
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="x-small")
+    # Outside the axes: a legend inside would hide the lines it names.
+    axes.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.set_title(_title(manifest, "throughput vs exit layer"), fontsize="medium")
     return save(figure, stem)
 

@@ -9,7 +9,7 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from skipbench import methods
 from skipbench.errors import SpecError
@@ -92,7 +92,6 @@ class Setup:
     warmup: int = 1
     repeats: int = 3  # timed rounds per cell (not part of a cell's identity: more rounds extend a run)
     threads: int | None = None  # CPU threads for torch; None: half the cores (skipbench.machine)
-    compile: bool = False  # the native engine with static shapes and torch.compile (CUDA graphs on a GPU)
     execute_code: bool = False
     execute_uncontained: bool = False  # where no sandbox exists, run model-written code with rlimits only
     stop_sequences: tuple[str, ...] | None = None  # None: the task's default
@@ -265,6 +264,7 @@ class SweepFile:
     grid: dict
     out: str | None
     train: list[dict]  # [[train]] tables: models to train (or reuse) and sweep one after the other
+    launch: dict = field(default_factory=dict)  # [launch]: where the cells run (skipbench.launch.options_from)
 
 
 def _kind(hint: str) -> tuple[str, bool]:
@@ -312,7 +312,8 @@ def setup_from(values: dict, origin: str | None = None) -> Setup:
 
 def load_sweep_file(path: str) -> SweepFile:
     """A sweep file: `[setup]` (any Setup field), `[sweep]` (grid keys), an optional top-level `out`, and
-    optional `[[train]]` tables (`label` plus `skipbench train` options) naming models to train and sweep."""
+    optional `[[train]]` tables (`label` plus `skipbench train` options) naming models to train and sweep, and an
+    optional `[launch]` table (launcher, workers, address, gpus_per_worker, partition, time_min, ...)."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -326,7 +327,7 @@ def load_sweep_file(path: str) -> SweepFile:
         data = tomllib.loads(file.read_text())
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"sweep file {path}: {error}") from None
-    unknown = set(data) - {"setup", "sweep", "out", "description", "train"}
+    unknown = set(data) - {"setup", "sweep", "out", "description", "train", "launch"}
     if unknown:
         raise SpecError(f"sweep file {path}: unknown section(s) {', '.join(sorted(unknown))}")
     setup = data.get("setup", {})
@@ -342,4 +343,10 @@ def load_sweep_file(path: str) -> SweepFile:
     for entry in train:
         if not {"label", "out_dir"} <= set(entry):
             raise SpecError(f"sweep file {path}: every [[train]] table needs a label and an out_dir")
-    return SweepFile(setup, data.get("sweep", {}), data.get("out"), train)
+    launch = data.get("launch", {})
+    if not isinstance(launch, dict):
+        raise SpecError(f"sweep file {path}: [launch] must be a table")
+    from skipbench.launch import options_from
+
+    options_from(launch, origin=path)  # checked now, so a typo costs a second, not a model load
+    return SweepFile(setup, data.get("sweep", {}), data.get("out"), train, launch)

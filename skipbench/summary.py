@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skipbench import costs, intervals
+from skipbench import calibrate, costs, intervals
+from skipbench.errors import UserError
 from skipbench.spec import Cell
 from skipbench.store import RunStore
 
@@ -190,11 +191,11 @@ def model_shapes(manifest: dict) -> tuple[costs.ModelShape | None, dict[str, cos
 
 
 def _cost_columns(rows: pd.DataFrame, cell: Cell, shape: costs.ModelShape, draft: costs.ModelShape | None,
-                  peaks: tuple[float | None, float | None]) -> dict:
+                  calibrations: dict[str, dict | None]) -> dict:
     first = _first_rows(rows)
     passes = costs.pass_table(first)
     shapes = {"target": shape} | ({"draft": draft} if draft is not None else {})
-    found = costs.costs_of_passes(passes, shapes, peak_bandwidth=peaks[0], peak_flops=peaks[1])
+    found = costs.costs_of_passes(passes, shapes)
     new_tokens = float(first["new_tokens"].sum())
     seconds = float(rows.groupby("prompt_index")["time_s"].mean().sum())  # one pass over the prompts
     record = {}
@@ -205,7 +206,7 @@ def _cost_columns(rows: pd.DataFrame, cell: Cell, shape: costs.ModelShape, draft
             record[f"{unit}_{phase}_per_token"] = split[phase] / new_tokens if new_tokens else np.nan
             if phase != "prefill":
                 record[f"{unit}_{phase}_share"] = split[phase] / split["total"] if split["total"] else np.nan
-    record["model_seconds_per_token"] = found.seconds / new_tokens if found.seconds and new_tokens else np.nan
+    record["model_seconds_per_token"] = _predicted_seconds(passes, calibrations) / new_tokens if new_tokens else np.nan
     method = cell.method
     record["params_resident"] = costs.params_resident(shape, draft if method.separate_draft_model else None)
     kv = costs.kv_cache_bytes(shape, costs.final_cache_tokens(passes, "target", shape.layers))
@@ -220,18 +221,33 @@ def _cost_columns(rows: pd.DataFrame, cell: Cell, shape: costs.ModelShape, draft
     return record
 
 
+def _predicted_seconds(passes: pd.DataFrame, calibrations: dict[str, dict | None]) -> float:
+    """The time model: each pass as its layers x the measured time of a layer for its block of positions,
+    plus the head for its rows (`calibrate`); nan when a model that ran was not calibrated."""
+    total = 0.0
+    for model, part in passes.groupby("model"):
+        calibration = calibrations.get(model)
+        if calibration is None:
+            return float("nan")
+        total += calibrate.pass_seconds(calibration, part["start"], part["end"], part["positions"],
+                                        part["head_positions"]).sum()
+    return total
+
+
 def add_costs(summary: pd.DataFrame, frame: pd.DataFrame, manifest: dict, *, peak_bandwidth: float | None = None,
               peak_flops: float | None = None) -> pd.DataFrame:
     """The summary with the analytical cost columns of what each cell's generations ran.
 
     Per-token figures are totals over the cell's prompts (one repeat; counts are the same in each) divided
     by Σ new tokens, prefill included. ``predicted_speedup`` is the baseline's bytes per token over the
-    cell's (batch-1 decoding reads weights: a bandwidth-bound time model), ``predicted_speedup_flops`` the
-    same with FLOPs, and with both peaks ``predicted_speedup_time`` uses Σ max(bytes / bandwidth, FLOPs /
-    matmul rate) per pass, which knows a verify block can be compute-bound. ``measured_over_predicted``
-    divides the measured speedup by the most informed prediction available.
+    cell's (batch-1 decoding reads weights: a bandwidth-bound model), ``predicted_speedup_flops`` the same
+    with FLOPs, and ``predicted_speedup_time`` the time model of `calibrate` (each pass's measured block
+    time: it knows a verify block can be compute-bound). ``measured_over_predicted`` divides the measured
+    speedup by the time model where the run was calibrated, else by the bytes model.
     """
     shape, drafts = model_shapes(manifest)
+    models = manifest.get("models") or {}
+    target_calibration = (models.get("target") or {}).get("calibration")
     if summary.empty or shape is None:
         return summary
     groups = {key: rows for key, rows in frame.groupby("cell_key", sort=False)}
@@ -242,7 +258,9 @@ def add_costs(summary: pd.DataFrame, frame: pd.DataFrame, manifest: dict, *, pea
         if cell.method.separate_draft_model and draft is None:
             records.append({})
             continue
-        records.append(_cost_columns(groups[row["cell_key"]], cell, shape, draft, (peak_bandwidth, peak_flops)))
+        draft_calibration = ((models.get("drafts") or {}).get(cell.draft_model) or {}).get("calibration")
+        calibrations = {"target": target_calibration, "draft": draft_calibration}
+        records.append(_cost_columns(groups[row["cell_key"]], cell, shape, draft, calibrations))
     summary = pd.concat([summary.reset_index(drop=True), pd.DataFrame(records)], axis=1)
     cells = [Cell.from_record(row) for row in summary.to_dict("records")]
     for name, column in (("predicted_speedup", "bytes_per_token"), ("predicted_speedup_flops", "flops_per_token"),
@@ -270,12 +288,65 @@ def in_manifest_order(summary: pd.DataFrame, manifest: dict) -> pd.DataFrame:
     return summary.assign(_rank=rank).sort_values("_rank", kind="stable").drop(columns="_rank").reset_index(drop=True)
 
 
+class MixedDevices(UserError):
+    """A run timed on several devices, read as one: times are never pooled across devices."""
+
+
+def devices_of(frame: pd.DataFrame) -> list[str]:
+    """The devices a run's rows were timed on, the device of group 0 first (runs of older skipbench versions
+    record none: [])."""
+    if frame.empty or "device" not in frame:
+        return []
+    timed = frame.dropna(subset=["device"])
+    first_group = timed.groupby(timed["device"].astype(str))["group"].min()
+    return sorted(first_group.index, key=lambda device: (first_group[device], device))
+
+
+def run_devices(run_dir: Path | str) -> list[str]:
+    """The devices of a run's finished rows: more than one (e.g. a sweep over a cluster's mixed GPUs) means
+    one report per device."""
+    return devices_of(RunStore(run_dir).read_cells())
+
+
+def device_slug(device: str) -> str:
+    """A device's name in file names: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return "-".join(part for part in "".join(c if c.isalnum() else " " for c in device.lower()).split())
+
+
+def for_device(manifest: dict, device: str) -> dict:
+    """The manifest as one device's report sees it: the provenance of a group timed there; the calibration
+    (time model) only where it was measured on that device."""
+    provenance = dict(manifest.get("provenance") or {})
+    models = manifest.get("models") or {}
+    if provenance.get("device") != device and models:  # calibrated on another device: no time model here
+        drafts = {name: {**info, "calibration": None} for name, info in (models.get("drafts") or {}).items()}
+        models = {**models, "target": {**(models.get("target") or {}), "calibration": None}, "drafts": drafts}
+    entry = next((where for where in (manifest.get("groups") or {}).values() if where.get("device") == device), {})
+    for name in ("cpu_threads", "torch_version", "transformers_version", "python_version", "skipbench_version",
+                 "git_commit"):
+        if entry.get(name) is not None:
+            provenance[name] = entry[name]
+    return {**manifest, "models": models, "provenance": provenance | {"device": device}}
+
+
 def load_summary(run_dir: Path | str, *, peak_bandwidth: float | None = None,
-                 peak_flops: float | None = None) -> tuple[pd.DataFrame, dict]:
-    """(per-cell summary with cost columns, manifest) of a run directory; lossless is nan when sampled."""
+                 peak_flops: float | None = None, device: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """(per-cell summary with cost columns, manifest) of a run directory; lossless is nan when sampled.
+
+    Times are never pooled across devices: a run timed on several (`run_devices`) is read one `device` at a
+    time, with that device's rows and provenance; reading it whole raises `MixedDevices`."""
     store = RunStore(run_dir)
     manifest = store.read_manifest()
-    frame = complete_cells(store.read_cells(), (manifest.get("prompts") or {}).get("prompts"))
+    frame = store.read_cells()
+    devices = devices_of(frame)
+    if device is not None:
+        frame = frame[frame["device"] == device].reset_index(drop=True) if "device" in frame else frame
+        manifest = for_device(manifest, device)
+    elif len(devices) > 1:
+        raise MixedDevices(f"{run_dir} holds rows timed on {len(devices)} devices ({'; '.join(devices)}): times are "
+                           f"never pooled across devices, so it is summarized one device at a time (skipbench "
+                           f"report writes a table per device)")
+    frame = complete_cells(frame, (manifest.get("prompts") or {}).get("prompts"))
     summary = summarize(frame)
     if summary.empty:
         return summary, manifest

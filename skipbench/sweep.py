@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from skipbench import machine, spec
+from skipbench import calibrate, machine, spec
+from skipbench.decoding.layers import DecoderStack, EngineError
 from skipbench.errors import UserError
 from skipbench.measure import CellRunner, Progress, measure_group
-from skipbench.methods import BuildContext
+from skipbench.methods import BuildContext, compiled_backend
 from skipbench.models import LoadedModel, check_vocab_match, load_model, num_layers_of, resolve_device
 from skipbench.prompts import build_prompts
 from skipbench.spec import Cell, Setup, SpecError, cell_key
@@ -47,20 +48,19 @@ def check_plan(setup: Setup, cells: list[Cell]) -> None:
 
 def refuse_unsupported(cells: list[Cell], target: LoadedModel, drafts: dict[str, LoadedModel]) -> None:
     """A method that cannot drive these models' architecture is refused before anything is timed or written
-    (the native engine drives Llama-family models; transformers' early exit needs one as well)."""
-    from skipbench.decoding.layers import DecoderStack, EngineError
-    from skipbench.hf import check_early_exit
+    (skipbench's engine drives Llama-family models; transformers' early exit needs one as well)."""
+    from skipbench.decoding.layers import EngineError
 
-    native = [cell for cell in cells if cell.backend == "native"]
-    models = [target] * bool(native) + [drafts[name] for name in sorted({c.draft_model for c in native} - {None})]
-    try:
-        for loaded in models:
-            DecoderStack(loaded.model)
-        if any(cell.backend != "native" and cell.method.drafter == "exit" for cell in cells):
-            loaded = target
-            check_early_exit(target.model)
-    except EngineError as error:
-        raise RunError(f"model {loaded.name!r}: {error}") from None
+    checked = set()
+    for cell in cells:
+        draft = drafts.get(cell.draft_model) if cell.draft_model else None
+        if (cell.method.check_models, cell.draft_model) in checked:
+            continue
+        try:
+            cell.method.check_models(cell, target, draft)
+        except EngineError as error:
+            raise RunError(str(error)) from None
+        checked.add((cell.method.check_models, cell.draft_model))
 
 
 def model_info(loaded: LoadedModel) -> dict:
@@ -81,6 +81,15 @@ def _differences(previous: dict, setup: Setup) -> list[str]:
                   if name not in spec.MEASUREMENT_ONLY and previous.get(name) != now.get(name))
 
 
+def refuse_other_settings(store: RunStore, setup: Setup, force: bool) -> None:
+    """A run directory holds one setup: another is refused (unless --force), naming what differs."""
+    if store.manifest_path().is_file() and not force:
+        changed = _differences(store.read_manifest().get("setup") or {}, setup)
+        if changed:
+            raise RunError(f"{store.root} holds a run with other settings ({', '.join(changed)} differ); choose "
+                           f"another --out, or --force to delete its cells and start over")
+
+
 def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool = False,
             progress: Progress | None = None, loader: Callable[..., LoadedModel] = load_model) -> RunStore:
     """Measure `cells` on `setup` into `out_dir`; return its store (its `problems` and errors say what failed)."""
@@ -88,11 +97,7 @@ def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool
     check_plan(setup, cells)
     store = RunStore(out_dir)
     with store.lock():
-        if store.manifest_path().is_file() and not force:
-            changed = _differences(store.read_manifest().get("setup") or {}, setup)
-            if changed:
-                raise RunError(f"{out_dir} holds a run with other settings ({', '.join(changed)} differ); choose "
-                               f"another --out, or --force to delete its cells and start over")
+        refuse_other_settings(store, setup, force)
         threads = setup.threads or machine.default_threads()
         if setup.device != "cuda" and not setup.device.startswith("cuda:"):
             torch.set_num_threads(threads)
@@ -111,16 +116,21 @@ def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool
             progress.note(f"warning: {warning}")
         for note in prompt_set.notes:
             progress.note(note)
+        lengths = sorted(len(prompt.token_ids) for prompt in prompt_set.prompts)
+        sizes = calibrate.block_sizes(lengths[-1], max(cell.num_speculations or 0 for cell in cells))
+        context = lengths[len(lengths) // 2] + prompt_set.max_new_tokens // 2  # a typical decode step's
+        infos = {name: model_info(loaded) | {"calibration": _calibration(loaded, sizes, context)}
+                 for name, loaded in (("target", target), *drafts.items())}
         manifest = manifest_for(
             setup, cells,
-            models={"target": model_info(target), "drafts": {name: model_info(d) for name, d in drafts.items()}},
+            models={"target": infos.pop("target"), "drafts": infos},
             prompts=prompt_set.describe(), device=target.model.device, dtype=target.model.dtype,
             machine={"before": before})
         store.write_manifest(manifest)
 
         keyed = {cell_key(setup, cell): cell for cell in cells}
-        context = BuildContext.for_run(setup.compile, cells, max(len(p.token_ids) for p in prompt_set.prompts),
-                                       prompt_set.max_new_tokens)
+        context = BuildContext.for_run(cells, max(len(p.token_ids) for p in prompt_set.prompts),
+                                       prompt_set.max_new_tokens, setup.sample)
         measure_group(keyed, lambda cell: CellRunner(cell, setup, target, drafts.get(cell.draft_model), prompt_set,
                                                      context),
                       prompt_set, store, repeats=setup.repeats, sampled=setup.sample, progress=progress)
@@ -138,6 +148,15 @@ def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool
     return store
 
 
+def _calibration(loaded: LoadedModel, sizes: list[int], context: int) -> dict | None:
+    """Measured layer and head times per block size (for the time model), where the engine can drive it."""
+    try:
+        stack = DecoderStack(loaded.model)
+    except EngineError:
+        return None
+    return calibrate.measure(stack, sizes, context)
+
+
 # --------------------------------------------------------------------------- sweeps of files, tasks, models
 
 
@@ -150,6 +169,7 @@ class Plan:
     tasks: list[str]
     out: Path
     train: list[dict] = field(default_factory=list)
+    launch: dict = field(default_factory=dict)  # the sweep file's [launch] table
 
 
 def run_dir_name(setup: Setup, cells: list[Cell], what: str) -> Path:
@@ -161,8 +181,9 @@ def run_dir_name(setup: Setup, cells: list[Cell], what: str) -> Path:
 
 
 def plan(sweep_file: str | None, setup_options: dict, grid_options: dict, out: Path | None,
-         default_file: spec.SweepFile) -> Plan:
-    """A sweep file (or the default sweep) with the command line's options laid over it."""
+         default_file: spec.SweepFile, *, compile: bool = False) -> Plan:
+    """A sweep file (or the default sweep) with the command line's options laid over it; `compile` runs
+    skipbench's engine compiled (`methods.compiled_backend`)."""
     loaded = spec.load_sweep_file(sweep_file) if sweep_file else default_file
     given = {key: value for key, value in setup_options.items() if value is not None}
     # A file's `dataset` may list several tasks; --dataset (repeatable) or --prompt replaces it.
@@ -179,8 +200,10 @@ def plan(sweep_file: str | None, setup_options: dict, grid_options: dict, out: P
     setup = spec.override(spec.setup_from(loaded.setup, origin=sweep_file), **given)
     grid_values = dict(loaded.grid) | {key: value for key, value in grid_options.items() if value is not None}
     cells = spec.grid_from(grid_values).expand()
+    if compile:
+        cells = list(dict.fromkeys(replace(cell, backend=compiled_backend(cell.backend)) for cell in cells))
     target = out or (Path(loaded.out) if loaded.out else run_dir_name(setup, cells, "sweep"))
-    return Plan(setup, cells, tasks, Path(target), loaded.train)
+    return Plan(setup, cells, tasks, Path(target), loaded.train, loaded.launch)
 
 
 def task_dir(task: str) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from skipbench.store import RunStore
-from skipbench.summary import load_summary
+from skipbench.summary import device_slug, load_summary, run_devices
 
 QUALITY_NAMES = {
     "quality_rouge1": "ROUGE-1 F",
@@ -330,51 +330,67 @@ def _summary_csv(summary: pd.DataFrame, path: Path) -> Path:
 
 
 def write_report(run_dir: Path | str, *, peak_bandwidth: float | None = None, peak_flops: float | None = None,
-                 plots: bool = True) -> list[Path]:
+                 plots: bool = True, device: str | None = None) -> list[Path]:
     """Write a run's tables (and plots); return the files written.
 
     ``RUN/tables/``: ``efficiency.{md,tex,csv}`` (one row per cell), ``grid_speedup_<backend>`` and
     ``grid_acceptance_<backend>`` (exit layer x K), ``summary.csv`` (every per-cell figure). Markdown and
-    LaTeX carry the provenance, failed cells and warnings under them; CSVs stay plain data.
+    LaTeX carry the provenance, failed cells and warnings under them; CSVs stay plain data. A run timed on
+    several devices gets each file once per device, named ``..._<device>`` (plots in ``plots/<device>/``).
     """
     run_dir = Path(run_dir)
-    summary, manifest = load_summary(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops)
+    devices = run_devices(run_dir) if device is None else [device]
+    if len(devices) > 1:  # times are never pooled across devices
+        return [path for name in devices for path in write_report(run_dir, peak_bandwidth=peak_bandwidth,
+                                                                  peak_flops=peak_flops, plots=plots, device=name)]
+    tag = device_slug(device) if device else None
+    summary, manifest = load_summary(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops, device=device)
     if summary.empty:
         raise ValueError(f"{run_dir} holds no finished cells to report")
     directory = run_dir / "tables"
     notes = provenance_notes(manifest)
     failed = [f"failed: {e.get('cell_label')}: {e.get('error')}" for e in RunStore(run_dir).errors()]
     extra = failed + [f"warning: {w}" for w in cell_warnings(summary)] + list(summary.attrs.get("problems", []))
-    written = write_table(directory, "efficiency", *efficiency_table(summary, manifest), notes + extra)
+    written = write_table(directory, _suffix("efficiency", tag), *efficiency_table(summary, manifest), notes + extra)
     grid = exit_cells(summary)
     for backend, cells in grid.groupby("backend", sort=False):
         for metric, name in (("speedup", "speedup vs autoregressive"), ("acceptance_rate", "acceptance")):
             text, numbers, note = grid_table(cells, metric)
-            stem = "grid_" + _suffix("speedup" if metric == "speedup" else "acceptance", backend)
+            stem = "grid_" + _suffix("speedup" if metric == "speedup" else "acceptance", backend, tag)
             caption = f"{name}: exit layer x K ({backend})" + (f"; {note}" if note else "")
             written += write_table(directory, stem, text, numbers, notes, caption)
-    written.append(_summary_csv(summary, directory / "summary.csv"))
+    written.append(_summary_csv(summary, directory / f"{_suffix('summary', tag)}.csv"))
     if plots:
         from skipbench import plots as plotting
 
-        written += plotting.plot_run(summary, manifest, run_dir / "plots")
+        written += plotting.plot_run(summary, manifest, run_dir / "plots" / (tag or ""))
     return written
 
 
-def write_task_table(parent: Path | str, runs: dict[str, Path]) -> list[Path]:
-    """One sweep over several tasks (one run directory per task) -> the Spec-Bench-style task table."""
+def write_task_table(parent: Path | str, runs: dict[str, Path], device: str | None = None) -> list[Path]:
+    """One sweep over several tasks (one run directory per task) -> the Spec-Bench-style task table (one per
+    device, ``tasks_<device>``, when the runs were timed on several)."""
+    devices = list(dict.fromkeys(name for run_dir in runs.values() for name in run_devices(run_dir)))
+    if device is None and len(devices) > 1:
+        return [path for name in devices for path in write_task_table(parent, runs, name)]
     summaries, notes = {}, []
     for task, run_dir in runs.items():
-        summary, manifest = load_summary(run_dir)
+        summary, manifest = load_summary(run_dir, device=device)
         summaries[task] = summary
         notes = notes or provenance_notes(manifest, list(runs))
-    return write_table(Path(parent) / "tables", "tasks", *task_table(summaries), notes,
-                       caption="speedup per task (Spec-Bench style)")
+    return write_table(Path(parent) / "tables", _suffix("tasks", device and device_slug(device)),
+                       *task_table(summaries), notes, caption="speedup per task (Spec-Bench style)"
+                       + (f" on {device}" if device else ""))
 
 
-def efficiency_markdown(run_dir: Path | str) -> str:
-    """The efficiency table of a run with its provenance, as Markdown."""
-    summary, manifest = load_summary(run_dir)
+def efficiency_markdown(run_dir: Path | str, device: str | None = None) -> str:
+    """The efficiency table of a run with its provenance, as Markdown (a table per device when it was timed
+    on several: times are never pooled across devices)."""
+    devices = run_devices(run_dir) if device is None else []
+    if len(devices) > 1:
+        return f"rows timed on {len(devices)} devices: one table per device\n\n" + "\n".join(
+            f"### {name}\n\n{efficiency_markdown(run_dir, name)}" for name in devices)
+    summary, manifest = load_summary(run_dir, device=device)
     if summary.empty:
         return "(no finished cells)\n"
     return to_markdown(efficiency_table(summary, manifest)[0], provenance_notes(manifest))

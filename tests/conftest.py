@@ -31,3 +31,24 @@ def make_model(name: str, seed: int = 0, **changes) -> LlamaForCausalLM:
 @pytest.fixture(params=list(CONFIGS))
 def model(request) -> LlamaForCausalLM:
     return make_model(request.param)
+
+
+def make_gpt2(directory):
+    """A tiny GPT-2 checkpoint with a byte-level BPE tokenizer, built offline."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["hello world def fibonacci(n): return n"] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=bpe.get_vocab_size(), n_positions=128, n_embd=32, n_layer=3, n_head=2,
+                        bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
+                            eos_token="<|endoftext|>").save_pretrained(directory)
+    return Path(directory)

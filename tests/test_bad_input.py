@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_gpt2
 from typer.testing import CliRunner
 
 from skipbench.cli import app
@@ -95,6 +96,10 @@ CASES = [
          "gated on the Hugging Face Hub"),
     Case("gated-layerskip-local-copy", run("-p", "x", "--model", "facebook/layerskip-llama2-7B", "-e", "8"),
          "a local copy works with --model DIR"),
+    Case("gated-id-with-a-dot", run("-p", "x", "--model", "facebook/layerskip-llama3.2-1B", "-e", "4"),
+         "facebook/layerskip-llama3.2-1B is gated"),  # a dot in a Hub id does not make it a file path
+    Case("checkpoint-file-not-dir", run("-p", "x", "--model", "weights.safetensors", "-e", "1"),
+         "no such directory"),
     Case("model-id-with-markup", run("-p", "x", "--model", "a[/x]b", "-e", "1"), "model 'a[/x]b'"),
     Case("draft-id-with-markup", run("-p", "x", "-s", "speculative", "--draft-model", "[bold]d[/bold]"),
          "model '[bold]d[/bold]'"),
@@ -227,25 +232,6 @@ def stored(tmp_path_factory):
     return root
 
 
-def make_gpt2(directory: Path) -> Path:
-    """A tiny GPT-2 checkpoint with a byte-level BPE tokenizer, built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["hello world def fibonacci(n): return n"] * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=bpe.get_vocab_size(), n_positions=128, n_embd=32, n_layer=3, n_head=2,
-                        bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
-                            eos_token="<|endoftext|>").save_pretrained(directory)
-    return directory
-
-
 def read_only_dir(path: Path):
     """A directory nobody may write, root included (a read-only tmpfs); None where none can be made."""
     path.mkdir()
@@ -300,18 +286,19 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, stored, tmp_path
         args.append(arg)
     for target, value in case.patch.items():
         monkeypatch.setattr(target, value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a Hub id never reaches the network here
     for name, value in case.env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(work)  # a default run directory would appear as runs/ here
     holder = hold_lock(Path(case.hold_lock.format(run=paths["run"]))) if case.hold_lock else None
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path) | {f"stored/{name}": value for name, value in snapshot(stored).items()}
     try:
         result = runner.invoke(app, args)
     finally:
         if holder is not None:
             holder.send_signal(signal.SIGKILL)
             holder.wait()
-        after = snapshot(tmp_path)
+        after = snapshot(tmp_path) | {f"stored/{name}": value for name, value in snapshot(stored).items()}
         if cleanup is not None:
             cleanup()
 

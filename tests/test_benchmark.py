@@ -12,7 +12,8 @@ def test_filler_prompt_is_long_enough_to_cut_to_the_asked_length():
 
 def test_benchmark_covers_every_path_and_writes_its_table(tmp_path):
     result = run_benchmark("synthetic:tiny?agree=2", "synthetic:tiny?agree=2&layers=2", [1, 2], [2], tmp_path,
-                           prompt_tokens=24, new_tokens=10, prompts=2, repeats=2, device="cpu", threads=1)
+                           prompt_tokens=24, new_tokens=10, prompts=2, repeats=2, device="cpu", threads=1,
+                           compiled=False)
     rows = result["rows"]
     labels = [row["decoding"] for row in rows]
     assert labels == ["autoregressive", "self_speculative E=1 K=2", "self_speculative E=2 K=2",

@@ -127,3 +127,52 @@ def test_report_overlays_two_runs(tmp_path):
     assert (tmp_path / "a" / "tables" / "efficiency.md").read_text().count("\n| synthetic") == 3
     bad = invoke("report", tmp_path / "a", "--overlay", tmp_path / "b", "--labels", "only-one")
     assert bad.exit_code == 2 and "labels" in bad.output
+
+
+def test_a_gpt2_checkpoint_runs_autoregressive_and_two_model_on_the_hf_backend(tmp_path):
+    from conftest import make_gpt2
+
+    target, draft = make_gpt2(tmp_path / "gpt2"), make_gpt2(tmp_path / "draft[/x]")  # markup in a name: literal
+    common = ("--model", target, "-p", "hello", "--max-new-tokens", 4, "--warmup", 0, "--repeats", 1, "--threads", 1,
+              "--backend", "hf")
+    alone = invoke("run", *common, "-s", "autoregressive", "--out", tmp_path / "ar")
+    assert alone.exit_code == 0, alone.output
+    assert alone.stderr.startswith(f"run: 1 cell(s) of {target} -> ")
+    pair = invoke("run", *common, "-s", "speculative", "--draft-model", draft, "-k", 2, "--out", tmp_path / "pair")
+    assert pair.exit_code == 0, pair.output
+    assert "2-model K=2 hf d1" in pair.stdout and f"d1: draft model {draft}" in pair.stdout
+    same = runner.invoke(app, ["compare", str(tmp_path / "pair"), str(tmp_path / "pair")],
+                         env={"COLUMNS": "400"})  # labels holding [/x] in a rich table, unfolded
+    assert same.exit_code == 0, same.output
+    assert "draft[/x]" in same.stdout and "no regression" in same.stdout
+
+
+def test_library_warnings_and_progress_bars_stay_out_of_the_output(tmp_path):
+    """transformers warns during assisted generation and draws a bar while loading weights; neither shows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import make_gpt2
+
+    model = make_gpt2(tmp_path / "gpt2")
+    script = Path(sys.executable).with_name("skipbench")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "skipbench.cli"]
+    result = subprocess.run([*command, "run", "--model", str(model), "-s", "speculative", "--draft-model",
+                             str(model), "-k", "2", "--backend", "hf", "-p", "hello", "--max-new-tokens", "6",
+                             "--warmup", "0", "--repeats", "1", "--threads", "1", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    for noise in ("[transformers]", "generation_config", "Loading weights", "it/s]", "Warning", "warn("):
+        assert noise not in output, output
+    assert "2-model K=2 hf" in result.stdout
+
+
+def test_report_on_a_run_with_an_hf_static_cell(tmp_path):
+    result = invoke("run", "--model", TINY, "-s", "autoregressive", "--backend", "hf_static", "-p", "hi",
+                    "--max-new-tokens", 4, "--warmup", 0, "--repeats", 1, "--threads", 1, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    report = invoke("report", tmp_path)
+    assert report.exit_code == 0, report.output
+    assert "hf_static" in (tmp_path / "tables" / "efficiency.md").read_text()

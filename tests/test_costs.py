@@ -20,6 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from skipbench import calibrate
 from skipbench.costs import (
     PASS_FIELDS,
     ModelShape,
@@ -158,7 +159,7 @@ def test_settle_and_costs_of_passes_hand_worked() -> None:
     # Draft 0 (index 0 <= a=1): layer kept, head kept (0 < 1). Draft 1: layer kept, head wasted (its draft
     # was rejected). The last draft's layer-0 pass: rejected position. Upper pass: a+1 = 2 rows of 3.
     assert [(p.kept_positions, p.kept_head_positions) for p in passes] == [(3, 0), (1, 1), (1, 0), (0, 0), (2, 2)]
-    costs = costs_of_passes(pass_frame(passes), {"target": HAND}, peak_bandwidth=1000.0, peak_flops=10000.0)
+    costs = costs_of_passes(pass_frame(passes), {"target": HAND})
     assert costs.flops["prefill"] == 7488
     # draft 0: layer 0 at c=3 (1280) + exit head 160; draft 1: layer 0 at c=4 (1312) + head 160
     assert costs.flops["draft"] == 1440 + 1472
@@ -174,10 +175,14 @@ def test_settle_and_costs_of_passes_hand_worked() -> None:
     assert (costs.bytes["prefill"], costs.bytes["draft"], costs.bytes["verify"]) == (2560, 1440 + 1456, 1296 + 1504)
     # wasted: draft 1's head 176; the rejected position's layer-0 pass 1296; upper pass KV 16*(9 - 7) = 32
     assert costs.bytes["wasted"] == 176 + 1296 + 32
-    flops = [7488, 1440, 1472, 1344, 4512]
-    moved = [2560, 1440, 1456, 1296, 1504]
-    assert costs.seconds == pytest.approx(sum(max(b / 1000, f / 10000) for f, b in zip(flops, moved, strict=True)))
-    assert costs_of_passes(pass_frame(passes), {"target": HAND}).seconds is None
+    # The time model: layers x the measured time of a layer for the block, plus the head for its rows.
+    calibration = {"layer_seconds": {"1": 1.0, "2": 1.5, "4": 2.5}, "head_seconds": {"1": 0.5, "4": 1.1}}
+    frame = pass_frame(passes)
+    predicted = calibrate.pass_seconds(calibration, frame["start"], frame["end"], frame["positions"],
+                                       frame["head_positions"])
+    # prefill: 2 layers x 3 positions (interpolated: 2.0); drafts: 1 layer + head of 1; last draft: 1 layer;
+    # upper pass: 1 layer x 3 positions (2.0) + head of 3 rows (interpolated: 0.9)
+    assert list(predicted) == pytest.approx([4.0, 1.5, 1.5, 1.0, 2.0 + 0.9])
 
 
 def test_pass_table_matches_pass_frame() -> None:

@@ -78,3 +78,127 @@ def test_a_hub_model_in_the_local_cache_loads_offline(tmp_path, monkeypatch):
     assert loaded.num_layers == 4 and loaded.tokenizer.encode("hello", add_special_tokens=False) == [3]
     with pytest.raises(ModelError, match="not in the Hugging Face cache"):
         load_model("someone/other-model", device="cpu")
+
+
+# --------------------------------------------------------------------------- devices and memory
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
+def test_any_cuda_device_is_refused_in_one_line_where_there_is_none(device):
+    from skipbench.models import resolve_device
+
+    with pytest.raises(ModelError, match=rf"--device {device} was asked for but .*no CUDA"):
+        resolve_device(device)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cuda:-1", "mps", "meta", ""])
+def test_an_unknown_device_is_refused_in_one_line(device):
+    from skipbench.models import resolve_device
+
+    with pytest.raises(ModelError, match="unknown --device"):
+        resolve_device(device)
+
+
+def test_a_cuda_index_beyond_the_devices_is_refused(monkeypatch):
+    from skipbench.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ModelError, match=r"--device cuda:2: torch sees 2 CUDA device\(s\), cuda:0..cuda:1"):
+        resolve_device("cuda:2")
+
+
+def test_a_synthetic_model_too_big_for_memory_is_refused_before_allocating(monkeypatch):
+    import skipbench.models as models
+
+    monkeypatch.setattr(models, "available_memory", lambda device: 24 * 10**9)
+    monkeypatch.setattr(models.LlamaForCausalLM, "__init__", lambda *a, **k: pytest.fail("allocated"))
+    with pytest.raises(ModelError) as refused:
+        load_model("synthetic:llama3-8b?agree=8", dtype="float32", device="cpu")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "needs 32.1 GB for its float32 weights but 24.0 GB of memory is available" in message
+    assert "--dtype bfloat16 (16.1 GB)" in message and "synthetic:llama3.2-1b (4.9 GB)" in message
+
+
+def test_the_weight_size_is_the_parameter_count_times_the_dtype(monkeypatch):
+    import skipbench.models as models
+
+    loaded = load_model("synthetic:tiny", dtype="bfloat16")
+    assert models.weight_bytes(loaded.model.config, torch.bfloat16) == 2 * loaded.num_params
+    assert models.available_memory(torch.device("cpu")) > 0
+
+
+def test_a_synthetic_model_is_built_in_its_dtype_with_the_float32_weights_rounded():
+    full, half = load_model("synthetic:tiny", dtype="float32"), load_model("synthetic:tiny", dtype="bfloat16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert half.model.model.rotary_emb.inv_freq.dtype == torch.float32
+    for (name, a), (_, b) in zip(full.model.named_parameters(), half.model.named_parameters(), strict=True):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+
+
+# --------------------------------------------------------------------------- checkpoints that are not here
+
+
+def test_a_gated_layerskip_checkpoint_offline_says_how_to_get_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError) as refused:
+        load_model("facebook/layerskip-llama3-8B", device="cpu")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "gated on the Hugging Face Hub" in message and "accept its licence" in message
+    assert "log in" in message and "about 16 GB" in message and "--model DIR" in message
+    with pytest.raises(ModelError) as other:
+        load_model("someone/some-model", device="cpu")
+    assert "gated" not in str(other.value) and "--model DIR" in str(other.value)
+
+
+def test_the_layer_count_of_any_local_architecture_is_read_from_its_config(tmp_path):
+    from conftest import make_gpt2
+
+    from skipbench.models import num_layers_of, pretrained_config
+
+    make_gpt2(tmp_path / "gpt2")
+    assert num_layers_of(str(tmp_path / "gpt2")) == 3  # GPT-2 calls it n_layer
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    assert num_layers_of(str(tmp_path / "broken")) is None  # loading it will say what is wrong
+    with pytest.raises(ModelError, match="could not be loaded"):
+        pretrained_config(str(tmp_path / "broken"))
+
+
+# --------------------------------------------------------------------------- the one-time conversion
+
+
+@pytest.mark.slow
+def test_two_first_conversions_at_once_make_one_checkpoint_and_leave_nothing_behind(tmp_path):
+    """Two `skipbench run --model smollm2-135m` started together on an empty cache (with the leftovers of a
+    killed conversion in it): one converts and says so, the other waits; both decode."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cache = tmp_path / "cache"
+    (cache / "smollm2-135m.partial-killed").mkdir(parents=True)
+    (cache / "smollm2-135m.partial-killed" / "model.safetensors").write_bytes(b"\0" * 1000)
+    script = Path(sys.executable).with_name("skipbench")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "skipbench.cli"]
+    env = {**__import__("os").environ, "SKIPBENCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    runs = [subprocess.Popen([*command, "run", "--model", "smollm2-135m", "-s", "autoregressive", "-p", "def f():",
+                              "--max-new-tokens", "2", "--warmup", "0", "--repeats", "1", "--threads", "1",
+                              "-o", str(tmp_path / f"run{index}")], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for index in range(2)]
+    results = [run.communicate(timeout=600) for run in runs]
+    for run, (_, stderr) in zip(runs, results, strict=True):
+        assert run.returncode == 0, stderr
+        assert "Traceback" not in stderr and "it/s]" not in stderr  # no library progress bars either
+    stderrs = [stderr for _, stderr in results]
+    announced = [s for s in stderrs if f"converting the GGUF of SmolLM2-135M once into {cache}" in s]
+    assert len(announced) == 1 and "(about 1 minute, 540 MB)" in announced[0]
+    assert sum("waiting for another skipbench process converting SmolLM2-135M" in s for s in stderrs) <= 1
+    assert sorted(path.name for path in cache.iterdir()) == [".smollm2-135m.lock", "smollm2-135m"]
+    assert {path.name for path in (cache / "smollm2-135m").iterdir()} >= {"config.json", "model.safetensors",
+                                                                        "tokenizer.json"}
+    assert not [path for path in cache.rglob("*") if "partial" in path.name or path.name.startswith("tmp")]

@@ -114,7 +114,7 @@ def test_the_method_registry_is_the_one_list_of_methods():
     from skipbench import methods
 
     assert methods.strategies() == ("autoregressive", "speculative", "self_speculative")
-    assert methods.backends() == ("native", "hf", "hf_static")
+    assert methods.backends() == ("native", "compiled", "hf", "hf_static")
     with pytest.raises(SpecError, match="backend hf_static does not run self_speculative decoding"):
         Cell("self_speculative", 2, 2, backend="hf_static").check()
     assert grid_from({"backends": "native,hf", "exits": "1", "speculations": "2",

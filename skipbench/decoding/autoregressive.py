@@ -30,7 +30,7 @@ class Autoregressive:
         _, logits = self.stack.run(inputs, self.cache, 0, self.stack.num_layers, head=inputs.shape[0])
         return logits
 
-    def shapes(self, k: int) -> list[tuple[DecoderStack, str, list[tuple]]]:
+    def shapes(self, k: int, sample: bool = False) -> list[tuple[DecoderStack, str, list[tuple]]]:
         """Per stack and cache role, the shapes (see DecoderStack.warm) a step with k drafts runs."""
         return [(self.stack, self.model, [("pass", 0, self.stack.num_layers, k + 1, k + 1)])]
 

@@ -44,15 +44,20 @@ class KVCache:
     the filled part; static caches write at `positions` (a device tensor) and return the whole capacity.
     """
 
-    def __init__(self, num_layers: int, capacity: int, *, static: bool = False):
+    def __init__(self, num_layers: int, capacity: int, *, static_like: torch.Tensor | None = None):
+        """`static_like`: a static cache, allocated now (compiled code must never allocate it) like this
+        tensor of shape (1, kv heads, any, head dim), on its device and in its dtype."""
         self.capacity = capacity
-        self.static = static
+        self.static = static_like is not None
         self.lengths = [0] * num_layers
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.positions: torch.Tensor | None = None  # static caches: where the current call writes
         self.trace: Trace | None = None  # where the passes over this cache are recorded, as which model's
         self.model = "target"
+        if self.static:
+            for layer in range(num_layers):
+                self.allocate(layer, static_like, static_like)
 
     def reset(self, trace: Trace | None, model: str) -> KVCache:
         self.lengths = [0] * len(self.lengths)
@@ -181,8 +186,12 @@ class DecoderStack:
         if capacity > self.capacity:
             raise EngineError(f"a generation needs {capacity} cached positions but the compiled engine was built "
                               f"for {self.capacity}")
-        cache = self._caches.setdefault(model, KVCache(self.num_layers, self.capacity, static=True))
-        return cache.reset(trace, model)
+        if model not in self._caches:
+            config = self.config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            like = torch.empty(1, config.num_key_value_heads, 0, head_dim, dtype=self.dtype, device=self.device)
+            self._caches[model] = KVCache(self.num_layers, self.capacity, static_like=like)
+        return self._caches[model].reset(trace, model)
 
     def ids(self, token_ids: list[int]) -> torch.Tensor:
         return torch.tensor(token_ids, dtype=torch.long, device=self.device)
@@ -243,7 +252,7 @@ class DecoderStack:
                     continue
                 kind, *sizes = shape
                 began = time.perf_counter()
-                for _ in range(2):  # CUDA graphs are recorded on the second call of a shape
+                for _ in range(3):  # CUDA graph trees record a shape on a later call than the first
                     if kind == "chain":
                         end, fed, count = sizes
                         self._compiled_chain(self._zeros(0, fed), torch.arange(fed, device=self.device), cache, end,

@@ -42,13 +42,13 @@ class SelfSpeculative(Autoregressive):
             probs.append(token_probs)
         return torch.cat(drafts), torch.cat(probs) if sampler.sample else None
 
-    def shapes(self, k: int) -> list[tuple[DecoderStack, str, list[tuple]]]:
+    def shapes(self, k: int, sample: bool = False) -> list[tuple[DecoderStack, str, list[tuple]]]:
         # The greedy draft phase (or one draft pass when sampling), the verify pass over the last draft's low
         # layers, and the verify block.
         exit_layer, top = self.exit_layer, self.stack.num_layers
-        shapes = [("chain", exit_layer, 1, k), ("pass", 0, exit_layer, 1, 1), ("pass", 0, exit_layer, 1, 0),
-                  ("pass", exit_layer, top, k + 1, k + 1)]
-        return [(self.stack, self.model, shapes)]
+        draft = ("pass", 0, exit_layer, 1, 1) if sample else ("chain", exit_layer, 1, k)
+        verify = [("pass", 0, exit_layer, 1, 0), ("pass", exit_layer, top, k + 1, k + 1)]
+        return [(self.stack, self.model, [draft, *verify])]
 
     def verify(self, last: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         stack = self.stack

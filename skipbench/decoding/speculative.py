@@ -37,11 +37,13 @@ class TwoModel:
             feed = token
         return torch.cat(drafts), torch.cat(probs) if sampler.sample else None
 
-    def shapes(self, k: int) -> list[tuple[DecoderStack, str, list[tuple]]]:
+    def shapes(self, k: int, sample: bool = False) -> list[tuple[DecoderStack, str, list[tuple]]]:
         # The draft's first pass also feeds the target's last draft when every draft was kept: 2 positions.
         layers = self.drafter.stack.num_layers
-        shapes = [("chain", layers, 1, k), ("chain", layers, 2, k), ("pass", 0, layers, 1, 1),
-                  ("pass", 0, layers, 2, 1)]
+        if sample:
+            shapes = [("pass", 0, layers, 1, 1), ("pass", 0, layers, 2, 1)]
+        else:
+            shapes = [("chain", layers, 1, k), ("chain", layers, 2, k)]
         return [*self.target.shapes(k), (self.drafter.stack, "draft", shapes)]
 
     def verify(self, last: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:

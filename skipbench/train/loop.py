@@ -135,7 +135,9 @@ def config_from(options: dict) -> TrainConfig:
     ]
     if missing:
         raise TrainError(f"training needs {', '.join(missing)}")
-    return TrainConfig(**{name: _converted(name, value, hints[name]) for name, value in options.items()})
+    config = TrainConfig(**{name: _converted(name, value, hints[name]) for name, value in options.items()})
+    _check(config)  # every value checked before anything is drawn or read
+    return config
 
 
 def _converted(name: str, value, hint) -> object:

@@ -1,0 +1,103 @@
+"""The compiled engine: static shapes and torch.compile give the eager engine's tokens and counts exactly,
+compile only while warming up (never inside a timed generation), and run unwarmed shapes eagerly."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from skipbench.decoding.sampling import Sampler
+from skipbench.methods import BuildContext
+from skipbench.models import load_model
+from skipbench.spec import Cell
+
+NEW = 20
+CELLS = [Cell("autoregressive"), Cell("self_speculative", 1, 2), Cell("self_speculative", 2, 2),
+         Cell("speculative", None, 2, "synthetic:tiny?layers=2")]
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = load_model("synthetic:tiny")  # random layers: drafts are often rejected, so every path runs
+    draft = load_model("synthetic:tiny?layers=2")
+    prompts = [target.tokenizer.encode(text) for text in ("def fibonacci(n):", "The quick brown fox", "1, 2, 3,")]
+    return target, draft, prompts
+
+
+def decoders(models, compiled: bool, sample: bool = False):
+    target, draft, prompts = models
+    context = BuildContext.for_run(CELLS, max(map(len, prompts)), NEW, sample)
+    built = {}
+    for cell in CELLS:
+        cell = Cell(cell.strategy, cell.exit_layer, cell.num_speculations, cell.draft_model,
+                    "compiled" if compiled else "native")
+        built[cell] = cell.method.build(cell, target, draft if cell.draft_model else None, context)
+        built[cell].warm()
+    return built, context
+
+
+def generate(decoder, prompt, sampler=None, eos=()):
+    return decoder.generate(prompt, max_new_tokens=NEW, sampler=sampler or Sampler(), eos_ids=list(eos), stop=None,
+                            seed=0)
+
+
+def steps(record):
+    return [(step.context, step.drafted, step.accepted) for step in record.steps]
+
+
+def test_compiled_decoding_equals_eager_token_for_token_and_step_for_step(models):
+    eager, _ = decoders(models, compiled=False)
+    compiled, context = decoders(models, compiled=True)
+    graphs = counters["stats"]["unique_graphs"]
+    seconds = context.compile_seconds()
+    assert seconds and all(value > 0 for value in seconds.values())
+    for prompt in models[2]:
+        for (cell, ours), theirs in zip(compiled.items(), eager.values(), strict=True):
+            want, got = generate(theirs, prompt), generate(ours, prompt)
+            assert got.tokens == want.tokens, cell
+            assert steps(got) == steps(want), cell
+            # The same passes, but a compiled pass scores every query against the whole static cache.
+            assert [(p.phase, p.model, p.start, p.end, p.positions, p.context, p.head_positions) for p in got.passes] \
+                == [(p.phase, p.model, p.start, p.end, p.positions, p.context, p.head_positions) for p in want.passes]
+            assert {p.window for p in got.passes} == {context.capacity}
+    # Nothing compiled while decoding: every shape was compiled while warming up, the rest ran eagerly
+    # (prefill, and the last steps before the token budget, which draft fewer than K).
+    assert counters["stats"]["unique_graphs"] == graphs and context.compile_seconds() == seconds
+
+
+def test_compiled_sampling_draws_what_eager_sampling_draws(models):
+    """The sampler and its generator are the eager engine's, so with the same seed the compiled engine draws
+    the same tokens: it keeps the target distribution that tests/test_sampling.py checks."""
+    eager, _ = decoders(models, compiled=False, sample=True)
+    compiled, _ = decoders(models, compiled=True, sample=True)
+    for prompt in models[2]:
+        for ours, theirs in zip(compiled.values(), eager.values(), strict=True):
+            draws = [generate(decoder, prompt, Sampler(True, 0.8, 0.95, torch.Generator().manual_seed(5)))
+                     for decoder in (theirs, ours)]
+            assert draws[0].tokens == draws[1].tokens and steps(draws[0]) == steps(draws[1])
+
+
+def test_a_generation_longer_than_the_compiled_capacity_is_refused(models):
+    from skipbench.decoding.layers import EngineError
+
+    compiled, context = decoders(models, compiled=True)
+    decoder = next(iter(compiled.values()))
+    with pytest.raises(EngineError, match="cached positions"):
+        decoder.generate(models[2][0] * 20, max_new_tokens=NEW, sampler=Sampler(), eos_ids=[], stop=None, seed=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_float32_the_compiled_engine_with_cuda_graphs_equals_eager():
+    target = load_model("synthetic:tiny?agree=2", dtype="float32", device="cuda")
+    prompt = target.tokenizer.encode("def fibonacci(n):")
+    cells = [Cell("autoregressive", backend=b) for b in ("native", "compiled")]
+    cells += [Cell("self_speculative", 2, 4, backend=b) for b in ("native", "compiled")]
+    context = BuildContext.for_run(cells, len(prompt), NEW)
+    made = {}
+    for cell in cells:
+        decoder = cell.method.build(cell, target, None, context)
+        decoder.warm()
+        made[cell] = generate(decoder, prompt)
+    reference = made[cells[0]].tokens
+    assert all(record.tokens == reference for record in made.values())
