@@ -14,7 +14,7 @@ def install(session: nox.Session, extras: str = "") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    install(session, "[test]")
+    install(session, "[test,ray,slurm]")  # the launcher tests run Ray and submitit locally
     session.run("pytest", "-q", *session.posargs)
 
 

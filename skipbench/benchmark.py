@@ -14,6 +14,7 @@ import string
 from pathlib import Path
 
 from skipbench import intervals
+from skipbench.costs import dtype_bytes
 from skipbench.measure import Progress, measure_roofline
 from skipbench.models import resolve_device, resolve_dtype
 from skipbench.spec import Cell, Setup
@@ -61,10 +62,10 @@ def run_benchmark(model: str, draft: str | None, exits: list[int], speculations:
     summary_frame, manifest = load_summary(out_dir)
     frame = store.read_cells()
     target = manifest["models"]["target"]
-    bytes_per_param = 2 if manifest["provenance"]["dtype"] in ("bfloat16", "float16") else 4
-    weight_bytes = target["num_params"] * bytes_per_param
+    weight_bytes = target["num_params"] * dtype_bytes(manifest["provenance"]["dtype"])
     roofline_tokens_per_s = peaks["bandwidth_bytes_per_s"] / weight_bytes
-    native_ar = frame[frame["cell_key"] == summary_frame.iloc[0]["cell_key"]]
+    native_key = summary_frame.loc[summary_frame["cell_label"] == Cell("autoregressive").label(), "cell_key"].iloc[0]
+    native_ar = frame[frame["cell_key"] == native_key]
     prompts_index = sorted(int(i) for i in frame["prompt_index"].unique())
     rows = []
     for row in summary_frame.to_dict("records"):

@@ -16,13 +16,12 @@ import numpy as np
 import pandas as pd
 
 from skipbench import intervals
+from skipbench.decoding.record import COUNTS
 from skipbench.errors import UserError
-from skipbench.spec import Cell
+from skipbench.spec import Cell, baseline_of
 from skipbench.store import RunStore
-from skipbench.summary import baseline_of, complete_cells, first_difference, rounds_of, summarize, units
+from skipbench.summary import complete_cells, devices_of, first_difference, first_rows, rounds_of, summarize, units
 from skipbench.tables import number, with_interval
-
-COUNT_COLUMNS = ["new_tokens", "drafted", "accepted", "verify_steps"]
 
 
 class CompareError(UserError):
@@ -104,6 +103,10 @@ class _Run:
         self.frame = complete_cells(store.read_cells(), (self.manifest.get("prompts") or {}).get("prompts"))
         if self.frame.empty:
             raise CompareError(f"the {role} run {root} holds no finished cells: nothing to compare")
+        devices = devices_of(self.frame)
+        if len(devices) > 1:
+            raise CompareError(f"the {role} run {root} was timed on {len(devices)} devices ({', '.join(devices)}); "
+                               f"compare runs timed on one device: times are never pooled across devices")
         self.errors = {Cell.from_record(e).identity(): e.get("error") for e in store.errors()}
         self.summary = summarize(self.frame)
         self.cells = {Cell.from_record(r).identity(): Cell.from_record(r) for r in self.summary.to_dict("records")}
@@ -122,20 +125,24 @@ class _Run:
         rows = self.groups[identity]
         rounds = rounds_of(rows, baseline)
         return intervals.Paired.of(units(rows, "time_s", "new_tokens", prompts, rounds),
-                                   units(baseline, "time_s", "new_tokens", prompts, rounds))
+                                   units(baseline, "time_s", "new_tokens", prompts, rounds), np.array(prompts))
 
     def first_rows(self, identity: tuple) -> pd.DataFrame:
-        rows = self.groups[identity]
-        return rows.sort_values(["prompt_index", "round"]).drop_duplicates("prompt_index").set_index("prompt_index")
+        return first_rows(self.groups[identity]).set_index("prompt_index")
 
 
 def speedup_ratio(base: intervals.Paired, new: intervals.Paired, seed: int = 0) -> tuple[float, float, float]:
-    """new speedup / base speedup, with a bootstrap interval; both runs resample the same prompts."""
+    """new speedup / base speedup, with a bootstrap interval; both runs resample the same prompts (those
+    both paired with their baselines)."""
+    common = np.intersect1d(base.prompts, new.prompts)
+    base, new = base.restricted(common), new.restricted(common)
+    if not len(common):
+        return float("nan"), float("nan"), float("nan")
     point = new.point() / base.point()
     repeats = max(base.shape[1], new.shape[1])
     chosen = intervals.draws(base.shape[0], repeats, seed=seed)
     samples = new.samples(chosen) / base.samples(chosen)
-    return point, *intervals.interval_of_samples(samples)
+    return point, *intervals.bounds(samples)
 
 
 def _count_mismatches(base: pd.DataFrame, new: pd.DataFrame) -> list[str]:
@@ -144,7 +151,7 @@ def _count_mismatches(base: pd.DataFrame, new: pd.DataFrame) -> list[str]:
         found.append("prompts differ")
     for prompt in base.index.intersection(new.index):
         b, n = base.loc[prompt], new.loc[prompt]
-        for column in COUNT_COLUMNS:
+        for column in COUNTS:
             if int(b[column]) != int(n[column]):
                 found.append(f"prompt {prompt}: {column} {int(b[column])} -> {int(n[column])}")
         index = first_difference([int(t) for t in n["tokens"]], [int(t) for t in b["tokens"]])
@@ -195,7 +202,8 @@ def compare_runs(base_dir: Path | str, new_dir: Path | str, *, max_slowdown: flo
         row |= _figures(b, n)
         failures, remarks = _judge(base, new, identity, b, n, row, deterministic, max_slowdown=max_slowdown,
                                    max_acceptance_drop=max_acceptance_drop, max_quality_drop=max_quality_drop)
-        row["verdict"] = "FAIL" if failures else ("faster" if remarks else "ok")
+        row["verdict"] = "FAIL" if failures else ("faster" if any("faster" in r for r in remarks) else
+                                                  "not judged" if remarks else "ok")
         row["reason"] = "; ".join(failures + remarks)
         problems += [f"{label}: {failure}" for failure in failures]
         rows.append(row)
@@ -227,7 +235,10 @@ def _judge(base: _Run, new: _Run, identity: tuple, b: dict, n: dict, row: dict, 
             row |= {"speedup_ratio": ratio, "speedup_ratio_low": low, "speedup_ratio_high": high}
             text = (f"speedup {with_interval(b['speedup'], b['speedup_low'], b['speedup_high'])} -> "
                     f"{with_interval(n['speedup'], n['speedup_low'], n['speedup_high'])}")
-            if n["speedup_high"] < b["speedup_low"] * (1 - max_slowdown):
+            if any(value != value for value in (b["speedup_low"], b["speedup_high"], n["speedup_low"],
+                                                 n["speedup_high"])):
+                remarks.append(f"{text}: not judged (a run has no interval: measure more prompts or repeats)")
+            elif n["speedup_high"] < b["speedup_low"] * (1 - max_slowdown):
                 failures.append(f"{text}: slower beyond the intervals and the {max_slowdown:.0%} tolerance")
             elif n["speedup_low"] * (1 - max_slowdown) > b["speedup_high"]:
                 remarks.append(f"{text}: faster")

@@ -187,13 +187,16 @@ def generate_hf(target: PreTrainedModel, prompt: list[int], *, max_new_tokens: i
     """Run `generate()` autoregressively, with `assistant_early_exit=exit_layer`, or with a draft model.
 
     `static_cache` asks for transformers' fastest autoregressive path: a static cache, which transformers
-    compiles on CUDA (its compile and capture happen in the uncounted warm-up generations)."""
+    compiles on CUDA (its compile and capture happen in the uncounted warm-up generations). That path is not
+    watched: hooks inside a compiled forward would make it recompile at every step. Its passes are known
+    anyway: the prompt, then one position per new token, every query scored against the whole cache."""
     assistant = target if exit_layer is not None else draft
     config, assistant_config = _configure(target, assistant, max_new_tokens=max_new_tokens, sampler=sampler,
                                           eos_ids=eos_ids, exit_layer=exit_layer,
                                           num_speculations=num_speculations, static_cache=static_cache)
     watcher = _PassWatcher()
-    watcher.watch(target, "target")
+    if not static_cache:
+        watcher.watch(target, "target")
     if draft is not None:
         watcher.watch(draft, "draft")
     saved_assistant_config = assistant.generation_config if assistant is not None else None
@@ -220,11 +223,23 @@ def generate_hf(target: PreTrainedModel, prompt: list[int], *, max_new_tokens: i
     layer_counts = {"target": target.config.num_hidden_layers}
     if draft is not None:
         layer_counts["draft"] = draft.config.num_hidden_layers
-    passes = watcher.passes(layer_counts, exit_layer)
     sequence = output[0].tolist()
+    if static_cache:
+        passes = _autoregressive_passes(len(prompt), len(sequence), layer_counts["target"],
+                                        len(prompt) + max_new_tokens)
+    else:
+        passes = watcher.passes(layer_counts, exit_layer)
     record = Generation(prompt_tokens=len(prompt), time_s=elapsed, prefill_s=clock.first_token_s, passes=passes)
     _replay(record, sequence, _steps(passes, len(prompt), len(sequence)), set(eos_ids), stop)
     return record
+
+
+def _autoregressive_passes(prompt_tokens: int, total_tokens: int, layers: int, capacity: int) -> list[Pass]:
+    """generate()'s passes without a draft: the prompt (with the head on its last position), then each new
+    token but the last fed once; a static cache of `capacity` positions is attended whole."""
+    starts = [0, *range(prompt_tokens, total_tokens - 1)]
+    return [Pass("verify", "target", 0, layers, prompt_tokens if start == 0 else 1, start, 1, window=capacity,
+                 static=True) for start in starts]
 
 
 def _replay(record: Generation, sequence: list[int], steps: list[tuple[Step, int]], eos: set[int],

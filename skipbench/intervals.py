@@ -54,14 +54,18 @@ def draws(prompts: int, repeats: int, resamples: int = RESAMPLES, seed: int = 0)
 
 
 def _resampled_sums(values: np.ndarray, counts: np.ndarray, chosen: Draws) -> np.ndarray:
-    """Σ over the drawn (prompt, repeat) units of `values`, one sum per resample."""
+    """Σ over the drawn (prompt, repeat) units of `values`, one sum per resample.
+
+    A drawn prompt with c measured repeats gets c repeat draws among them (as many as it has, not as many as
+    the widest prompt: more draws would average noise away and narrow the interval), and their mean, so a
+    prompt weighs the same whatever its number of repeats."""
     prompt = chosen.prompts
     width = values.shape[1]
-    # The repeat of each draw among the prompt's present repeats, then the mean over the R draws so that
-    # a prompt weighs the same whatever its number of repeats.
-    repeat = np.minimum((chosen.repeats[..., :width] * counts[prompt][..., None]).astype(int), width - 1)
-    picked = values[prompt[..., None], repeat]
-    return np.nanmean(picked, axis=2).sum(axis=1)
+    have = counts[prompt][..., None]
+    repeat = np.minimum((chosen.repeats[..., :width] * have).astype(int), width - 1)
+    used = np.arange(width) < have  # the first c draws of a prompt with c repeats
+    picked = np.where(used, values[prompt[..., None], repeat], 0.0)
+    return (picked.sum(axis=2) / counts[prompt]).sum(axis=1)
 
 
 def _point(values: np.ndarray, counts: np.ndarray) -> float:
@@ -75,14 +79,14 @@ def ratio(units: Units, chosen: Draws | None = None) -> tuple[float, float, floa
     """Σ numerator / Σ denominator (each prompt's repeats averaged, then summed over prompts), with its
     interval; NaN bounds when there are fewer than two measurements."""
     rows = units.counts > 0
-    units = Units(units.numerator[rows], units.denominator[rows])
+    units = Units(units.numerator[rows], units.denominator[rows]).packed()
     counts = units.counts
     point = _point(units.numerator, counts) / _point(units.denominator, counts)
     if units.size < 2:
         return point, float("nan"), float("nan")
     chosen = chosen or draws(*units.numerator.shape)
     samples = _resampled_sums(units.numerator, counts, chosen) / _resampled_sums(units.denominator, counts, chosen)
-    return point, *_bounds(samples)
+    return point, *bounds(samples)
 
 
 @dataclass(frozen=True)
@@ -94,16 +98,25 @@ class Paired:
     base_time: np.ndarray
     base_tokens: np.ndarray
     counts: np.ndarray
+    prompts: np.ndarray  # the ids of the rows: the prompts with at least one paired unit
 
     @classmethod
-    def of(cls, cell: Units, baseline: Units) -> Paired:
-        """Column r of both was timed in the same round; a unit one of them lacks is left out of both."""
+    def of(cls, cell: Units, baseline: Units, prompts: np.ndarray | None = None) -> Paired:
+        """Column r of both was timed in the same round; a unit one of them lacks is left out of both, and a
+        prompt with no unit left is left out (`prompts`, the rows' ids, says which remain)."""
+        prompts = np.arange(cell.numerator.shape[0]) if prompts is None else np.asarray(prompts)
         present = ~np.isnan(cell.numerator) & ~np.isnan(baseline.numerator)
         rows = present.any(axis=1)
         present = present[rows]
         arrays = (cell.numerator[rows], cell.denominator[rows], baseline.numerator[rows],
                   baseline.denominator[rows])
-        return cls(*(_pack(array, present) for array in arrays), present.sum(axis=1))
+        return cls(*(_pack(array, present) for array in arrays), present.sum(axis=1), prompts[rows])
+
+    def restricted(self, prompts: np.ndarray) -> Paired:
+        """Only the rows of the given prompt ids (in that order): two runs compared on the same prompts."""
+        index = [int(np.flatnonzero(self.prompts == prompt)[0]) for prompt in prompts]
+        return Paired(self.cell_time[index], self.cell_tokens[index], self.base_time[index], self.base_tokens[index],
+                      self.counts[index], np.asarray(prompts))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -127,7 +140,7 @@ def speedup(cell: Units, baseline: Units, chosen: Draws | None = None) -> tuple[
     point = paired.point()
     if int(paired.counts.sum()) < 2:
         return point, float("nan"), float("nan")
-    return point, *_bounds(paired.samples(chosen or draws(*paired.shape)))
+    return point, *bounds(paired.samples(chosen or draws(*paired.shape)))
 
 
 def _pack(values: np.ndarray, present: np.ndarray) -> np.ndarray:
@@ -139,15 +152,11 @@ def _pack(values: np.ndarray, present: np.ndarray) -> np.ndarray:
     return packed
 
 
-def _bounds(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+def bounds(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The percentile interval of bootstrap samples."""
     tail = (1.0 - confidence) / 2 * 100
     low, high = np.nanpercentile(samples, [tail, 100 - tail])
     return float(low), float(high)
-
-
-def interval_of_samples(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The percentile interval of bootstrap samples."""
-    return _bounds(samples, confidence)
 
 
 def mean(values: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
@@ -156,4 +165,4 @@ def mean(values: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> tuple
     if len(values) < 2:
         return float(values.mean()) if len(values) else float("nan"), float("nan"), float("nan")
     chosen = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
-    return float(values.mean()), *_bounds(values[chosen].mean(axis=1))
+    return float(values.mean()), *bounds(values[chosen].mean(axis=1))

@@ -24,16 +24,16 @@ import torch
 from skipbench import tasks
 from skipbench.costs import PASS_FIELDS
 from skipbench.decoding.loop import synchronize
-from skipbench.decoding.record import Generation
+from skipbench.decoding.record import COUNTS, Generation
 from skipbench.decoding.sampling import Sampler
 from skipbench.errors import UserError
 from skipbench.methods import BuildContext
 from skipbench.models import LoadedModel
 from skipbench.prompts import Prompt, PromptSet
-from skipbench.spec import Cell, Setup
+from skipbench.spec import Cell, Setup, baseline_of
 from skipbench.store import RunStore, device_name
 
-COUNT_COLUMNS = ("new_tokens", "drafted", "accepted", "verify_steps", "tokens")
+COUNT_COLUMNS = (*COUNTS, "tokens")
 
 
 class MeasurementError(UserError):
@@ -157,24 +157,59 @@ class GroupRows:
         return max((int(row["round"]) for rows in self.rows.values() for row in rows), default=-1)
 
 
+def anchors(cells: dict[str, Cell]) -> dict[str, str]:
+    """Each cell's key -> the key of the cell its speedup divides by (`spec.baseline_of`), within the group."""
+    found = {}
+    for key, cell in cells.items():
+        base = baseline_of(cell, list(cells.values()))
+        found[key] = next((other for other, candidate in cells.items() if candidate == base), key)
+    return found
+
+
 def consolidate(store: RunStore, cells: dict[str, Cell], group: int = 0) -> GroupRows:
-    """Stored rows of the group's cells, with an interrupted session's journal merged into the cell files."""
+    """Stored rows of the group's cells, with an interrupted session's journal merged into the cell files.
+
+    A cell's row whose baseline has no row for the same prompt and round (the session was cut between the
+    two) cannot be compared, so it is dropped and measured again. Journal rows of cells this session does
+    not measure (a narrower grid on the same run) stay in the journal for the session that does."""
     stored = GroupRows()
     for key, cell in cells.items():
         frame = store.read_cell(key, cell, group)
         if frame is not None:
             stored.rows[key] = frame.to_dict("records")
-    journal = [row for row in store.read_journal(group) if row.get("cell_key") in cells]
-    merged = set()
+    journal = store.read_journal(group)
+    changed = set()
     for row in journal:
-        key = row["cell_key"]
-        if not stored.has(key, row["prompt_index"], row["round"]):
+        key = row.get("cell_key")
+        if key in cells and not stored.has(key, row["prompt_index"], row["round"]):
             stored.add(key, {name: value for name, value in row.items() if name != "cell_key"})
-            merged.add(key)
-    for key in merged:
-        store.write_cell(key, cells[key], stored.rows[key], group)
-    store.drop_journal(group)
+            changed.add(key)
+    changed |= _drop_unpaired(stored, anchors(cells))
+    for key in changed:
+        if stored.rows.get(key):
+            store.write_cell(key, cells[key], stored.rows[key], group)
+        else:
+            store.cell_path(key, group).unlink(missing_ok=True)
+    store.drop_journal(group, set(cells))
     return stored
+
+
+def _drop_unpaired(stored: GroupRows, anchor: dict[str, str]) -> set[str]:
+    """Drop rows without their anchor's row of the same (prompt, round), anchors before the cells on them."""
+
+    def depth(key: str) -> int:
+        return 0 if anchor[key] == key else 1 + depth(anchor[key])
+
+    changed = set()
+    for key in sorted(anchor, key=depth):
+        if anchor[key] == key or key not in stored.rows:
+            continue
+        partners = {(row["prompt_index"], row["round"]) for row in stored.rows.get(anchor[key], ())}
+        kept = [row for row in stored.rows[key] if (row["prompt_index"], row["round"]) in partners]
+        if len(kept) != len(stored.rows[key]):
+            stored.rows[key] = kept
+            changed.add(key)
+    return changed
 
 
 def _check_repeat(cell: Cell, first: dict | None, row: dict, sampled: bool) -> None:
@@ -192,7 +227,8 @@ class Event:
     """One thing a group's measurement reports, in order. A consumer records them: the run's store, in the
     same process or on the driver of remote workers (`record`)."""
 
-    kind: str  # "plan" | "warming" | "row" | "round" | "done" | "skipped" | "failed"
+    kind: str  # "plan" | "warming" | "row" | "round" | "done" | "skipped" | "failed"; remote workers add
+    # "worker" (where it runs, the manifest) and "note", which the launchers consume (skipbench.launch)
     key: str | None = None
     row: dict | None = None
     text: str = ""  # "failed": the error
@@ -203,17 +239,25 @@ def measure(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], promp
             stored: GroupRows, *, repeats: int, sampled: bool, group: int = 0) -> Iterator[Event]:
     """Run the rounds a group still needs after its `stored` rows, as events.
 
-    `cells` maps key -> cell, the autoregressive baseline(s) among them. A cell takes part in as many rounds
-    as its least-measured prompt lacks; a baseline joins every (prompt, round) that any cell measures. A
-    cell that fails is reported with its error and leaves the schedule; a failing baseline fails the group.
+    `cells` maps key -> cell, the baseline(s) among them (`anchors`: what each cell's speedup divides). A
+    cell takes part in as many rounds as its least-measured prompt lacks, and every (prompt, round) it
+    measures also runs its baseline, the baseline's baseline and so on, so each time it pairs with is from
+    the same moment. A cell that fails is reported with its error and leaves the schedule; a failing
+    baseline fails the group (nothing can be timed against it).
     """
     rows = GroupRows({key: list(value) for key, value in stored.rows.items()})
     prompts = prompt_set.prompts
-    baselines = [key for key, cell in cells.items() if not cell.method.speculates]
+    anchor = anchors(cells)
+    baselines = set(anchor.values())
     before = {key: {prompt.index: rows.count(key, prompt.index) for prompt in prompts} for key in cells}
 
     def wanted(key: str, prompt: Prompt, session_round: int) -> bool:
         return before[key][prompt.index] + session_round < repeats
+
+    def with_anchors(keys: set[str]) -> set[str]:
+        while not {anchor[key] for key in keys} <= keys:
+            keys |= {anchor[key] for key in keys}
+        return keys
 
     needed = {key: max(repeats - min(before[key].values()), 0) for key in cells}
     for key in cells:
@@ -222,9 +266,9 @@ def measure(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], promp
     schedule = []  # (session round, prompt, keys in the order they run)
     for session_round in range(max(needed.values(), default=0)):
         for prompt in prompts:
-            keys = [key for key in cells if key not in baselines and wanted(key, prompt, session_round)]
-            if keys or any(wanted(key, prompt, session_round) for key in baselines):
-                keys = [*baselines, *keys]
+            chosen = with_anchors({key for key in cells if wanted(key, prompt, session_round)})
+            keys = [key for key in cells if key in chosen]  # grid order, baselines first
+            if keys:
                 shift = (session_round * len(prompts) + prompt.index) % len(keys)
                 schedule.append((session_round, prompt, keys[shift:] + keys[:shift]))
     if not schedule:
@@ -259,6 +303,8 @@ def measure(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], promp
             yield failure
         else:
             built[key] = runner
+    if not built:
+        return  # every cell failed, each reported
     first_round = rows.last_round() + 1
     device = next(iter(built.values())).device
     where = {"host": platform.node(), "device": device_name(device)}
@@ -310,7 +356,7 @@ def record(events: Iterator[Event], store: RunStore, cells: dict[str, Cell], sto
             progress.warming_up(cells[event.key])
         elif event.kind == "round":
             progress.round_done(*event.numbers)
-    store.drop_journal(group)
+    store.drop_journal(group, set(cells))
     return rows
 
 

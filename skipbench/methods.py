@@ -247,10 +247,6 @@ def _early_exit_works(cell: Cell, target: LoadedModel, draft: LoadedModel | None
 
 def _hf(static_cache: bool = False) -> Callable[[Cell, LoadedModel, LoadedModel | None, BuildContext], Decoder]:
     def build(cell: Cell, target: LoadedModel, draft: LoadedModel | None, context: BuildContext) -> Decoder:
-        if cell.exit_layer is not None:
-            from skipbench.hf import check_early_exit
-
-            check_early_exit(target.model)
         return HfDecoder(target.model, draft.model if draft else None, cell.exit_layer, cell.num_speculations or 0,
                          static_cache)
 

@@ -159,6 +159,23 @@ def with_baseline(cells: list[Cell], backends: Sequence[str] | None = None, cont
     return [*baselines, *controls, *rest]
 
 
+def baseline_of(cell: Cell, cells: Sequence[Cell]) -> Cell | None:
+    """The cell whose time per token `cell`'s speedup divides, among `cells` (measured in the same rounds).
+
+    A speculative cell, or an A/A control, divides by the autoregressive cell of its own backend (what
+    speculation buys in that implementation), else by the native engine's. An autoregressive cell of another
+    backend divides by the native engine's (how fast that implementation is); the native one is its own.
+    """
+    baselines = [other for other in cells if not other.method.speculates and not other.replica]
+    own = [other for other in baselines if other.backend == cell.backend]
+    native = [other for other in baselines if other.backend == "native"]
+    if not cell.method.speculates and not cell.replica:
+        chosen = native or own
+    else:
+        chosen = own or native or baselines
+    return chosen[0] if chosen else None
+
+
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?::(\d+))?$")
 
 

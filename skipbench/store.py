@@ -36,10 +36,20 @@ class RunLocked(UserError):
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write a whole file or none: a temporary name, synced, then renamed (and the rename synced), so that
+    even a power cut leaves the old file or the new one, before the journal that backs it is deleted."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
+    with open(partial, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(partial, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def git_commit() -> str | None:
@@ -259,8 +269,15 @@ class RunStore:
                 continue
         return rows
 
-    def drop_journal(self, group: int = 0) -> None:
-        self.journal_path(group).unlink(missing_ok=True)
+    def drop_journal(self, group: int = 0, keys: set[str] | None = None) -> None:
+        """Forget the journal's rows of the cells `keys` (all by default): they are in cell files now. Rows of
+        other cells (journaled by a session of a wider grid) stay for the session that measures them."""
+        path = self.journal_path(group)
+        kept = [] if keys is None else [row for row in self.read_journal(group) if row.get("cell_key") not in keys]
+        if kept:
+            write_atomic(path, "".join(json.dumps(row, default=_plain) + "\n" for row in kept).encode())
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _plain(value):

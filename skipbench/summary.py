@@ -16,7 +16,7 @@ import pandas as pd
 
 from skipbench import calibrate, costs, intervals
 from skipbench.errors import UserError
-from skipbench.spec import Cell
+from skipbench.spec import Cell, baseline_of
 from skipbench.store import RunStore
 
 IDENTITY = ["strategy", "exit_layer", "num_speculations", "draft_model", "backend", "replica"]
@@ -67,12 +67,13 @@ def units(rows: pd.DataFrame, numerator: str, denominator: str, prompts: list[in
     return intervals.Units(*out)
 
 
-def _first_rows(rows: pd.DataFrame) -> pd.DataFrame:
+def first_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each prompt's first row: its counts and tokens (the same in every repeat)."""
     return rows.sort_values(["prompt_index", "round"]).drop_duplicates("prompt_index")
 
 
 def _cell_stats(rows: pd.DataFrame) -> dict:
-    first = _first_rows(rows)
+    first = first_rows(rows)
     repeats = rows.groupby("prompt_index").size()
     new_tokens = int(first["new_tokens"].sum())
     ended_on_eos = int((first["stop_reason"] == "eos").sum())
@@ -80,7 +81,7 @@ def _cell_stats(rows: pd.DataFrame) -> dict:
     per_sample = (first["accepted"] / first["drafted"]).where(first["drafted"] > 0)
     prompts = sorted(int(i) for i in first["prompt_index"])
     speed = units(rows, "new_tokens", "time_s", prompts, rounds_of(rows))
-    tokens_per_s, low, high = intervals.ratio(speed.packed())
+    tokens_per_s, low, high = intervals.ratio(speed)
     time_per_prompt = rows.groupby("prompt_index")["time_s"].mean()
     stats = {
         "prompts": len(first),
@@ -105,14 +106,6 @@ def _cell_stats(rows: pd.DataFrame) -> dict:
     stats |= {name: float(first[name].mean()) for name in rows.columns if name.startswith("quality_")}
     return stats
 
-
-def baseline_of(cell: Cell, cells: list[Cell]) -> Cell | None:
-    """The autoregressive cell a cell's speedup divides by: its own backend's, else the native engine's."""
-    baselines = [other for other in cells if not other.method.speculates and not other.replica]
-    same = [other for other in baselines if other.backend == cell.backend]
-    native = [other for other in baselines if other.backend == "native"]
-    chosen = same or native or baselines
-    return chosen[0] if chosen else None
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
@@ -143,9 +136,9 @@ def _versus_baseline(rows: pd.DataFrame, baseline: pd.DataFrame | None) -> dict:
     cell_units = units(rows, "time_s", "new_tokens", prompts, rounds)
     base_units = units(baseline, "time_s", "new_tokens", prompts, rounds)
     speedup, low, high = intervals.speedup(cell_units, base_units)
-    reference = {int(r.prompt_index): list(r.tokens) for r in _first_rows(baseline).itertuples()}
+    reference = {int(r.prompt_index): list(r.tokens) for r in first_rows(baseline).itertuples()}
     same = [first_difference(list(r.tokens), reference[int(r.prompt_index)]) == -1
-            for r in _first_rows(rows).itertuples() if int(r.prompt_index) in reference]
+            for r in first_rows(rows).itertuples() if int(r.prompt_index) in reference]
     return {"speedup": speedup, "speedup_low": low, "speedup_high": high,
             "lossless": sum(same) / len(same) if same else np.nan}
 
@@ -192,7 +185,7 @@ def model_shapes(manifest: dict) -> tuple[costs.ModelShape | None, dict[str, cos
 
 def _cost_columns(rows: pd.DataFrame, cell: Cell, shape: costs.ModelShape, draft: costs.ModelShape | None,
                   calibrations: dict[str, dict | None]) -> dict:
-    first = _first_rows(rows)
+    first = first_rows(rows)
     passes = costs.pass_table(first)
     shapes = {"target": shape} | ({"draft": draft} if draft is not None else {})
     found = costs.costs_of_passes(passes, shapes)

@@ -26,7 +26,7 @@ from skipbench.errors import UserError
 from skipbench.measure import CellRunner, Progress, measure_group
 from skipbench.methods import BuildContext, compiled_backend
 from skipbench.models import LoadedModel, check_vocab_match, load_model, num_layers_of, resolve_device
-from skipbench.prompts import build_prompts
+from skipbench.prompts import PromptSet, build_prompts
 from skipbench.spec import Cell, Setup, SpecError, cell_key
 from skipbench.store import RunStore, manifest_for
 
@@ -90,6 +90,72 @@ def refuse_other_settings(store: RunStore, setup: Setup, force: bool) -> None:
                            f"another --out, or --force to delete its cells and start over")
 
 
+@dataclass
+class Loaded:
+    """A run's models, prompts and engines, loaded once for all its cells (here, or on a remote worker)."""
+
+    target: LoadedModel
+    drafts: dict[str, LoadedModel]
+    prompt_set: PromptSet
+    context: BuildContext
+    manifest: dict  # what the run directory records: setup, cells, models (with calibrations), prompts
+    threads: int
+    before: dict  # the machine before loading added to its load
+    notes: list[str]  # for the user, once: prompts cut or fewer than asked, a busy machine
+
+    def runner(self, setup: Setup) -> Callable[[Cell], CellRunner]:
+        return lambda cell: CellRunner(cell, setup, self.target, self.drafts.get(cell.draft_model), self.prompt_set,
+                                       self.context)
+
+
+def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
+             loader: Callable[..., LoadedModel] = load_model) -> Loaded:
+    """Load what measuring `cells` needs on this process's device: the target and every draft model (once),
+    the prompts, each model's calibration for the time model, and the engines' shared context. Models an
+    architecture cannot run are refused here, before anything is timed."""
+    threads = threads or setup.threads or machine.default_threads()
+    if setup.device != "cuda" and not setup.device.startswith("cuda:"):
+        torch.set_num_threads(threads)
+    before = machine.state(threads)  # before our own loading adds to the load average
+    target = loader(setup.model, dtype=setup.dtype, device=setup.device)
+    drafts: dict[str, LoadedModel] = {}
+    for name in sorted({cell.draft_model for cell in cells if cell.draft_model}):
+        drafts[name] = loader(name, dtype=setup.dtype, device=setup.device)
+        check_vocab_match(target, drafts[name])
+    refuse_unsupported(cells, target, drafts)
+    prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions)
+    lengths = sorted(len(prompt.token_ids) for prompt in prompt_set.prompts)
+    sizes = calibrate.block_sizes(lengths[-1], max(cell.num_speculations or 0 for cell in cells))
+    typical = lengths[len(lengths) // 2] + prompt_set.max_new_tokens // 2  # the context of a typical step
+    infos = {name: model_info(loaded) | {"calibration": _calibration(loaded, sizes, typical)}
+             for name, loaded in (("target", target), *drafts.items())}
+    manifest = manifest_for(setup, cells, models={"target": infos.pop("target"), "drafts": infos},
+                            prompts=prompt_set.describe(), device=target.model.device, dtype=target.model.dtype,
+                            machine={"before": before})
+    context = BuildContext.for_run(cells, lengths[-1], prompt_set.max_new_tokens, setup.sample)
+    busy = machine.busy_warning(before, when="before")
+    notes = [*([f"warning: {busy}"] if busy else []), *prompt_set.notes]
+    return Loaded(target, drafts, prompt_set, context, manifest, threads, before, notes)
+
+
+def refuse_other_inputs(previous: dict, manifest: dict) -> None:
+    """The same setup read other inputs: a prompt file edited, a checkpoint retrained in place. Their rows
+    cannot be mixed with the stored ones."""
+    differences = []
+    hashes = [(m.get("prompts") or {}).get("prompt_set_hash") for m in (previous, manifest)]
+    if None not in hashes and hashes[0] != hashes[1]:
+        differences.append(f"the prompts (prompt-set hash {hashes[0]} then {hashes[1]})")
+    models = [m.get("models") or {} for m in (previous, manifest)]
+    for role, before, now in [("model", models[0].get("target") or {}, models[1].get("target") or {}),
+                              *[(f"draft {name}", info, (models[1].get("drafts") or {}).get(name) or {})
+                                for name, info in (models[0].get("drafts") or {}).items()]]:
+        if before.get("revision") and now.get("revision") and before["revision"] != now["revision"]:
+            differences.append(f"the {role} (revision {before['revision']} then {now['revision']})")
+    if differences:
+        raise RunError(f"the run's inputs changed since its cells were measured: {'; '.join(differences)}; choose "
+                       f"another --out, or --force to delete its cells and start over")
+
+
 def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool = False,
             progress: Progress | None = None, loader: Callable[..., LoadedModel] = load_model) -> RunStore:
     """Measure `cells` on `setup` into `out_dir`; return its store (its `problems` and errors say what failed)."""
@@ -98,49 +164,26 @@ def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool
     store = RunStore(out_dir)
     with store.lock():
         refuse_other_settings(store, setup, force)
-        threads = setup.threads or machine.default_threads()
-        if setup.device != "cuda" and not setup.device.startswith("cuda:"):
-            torch.set_num_threads(threads)
-        before = machine.state(threads)  # before our own loading adds to the load average
-        target = loader(setup.model, dtype=setup.dtype, device=setup.device)
-        drafts: dict[str, LoadedModel] = {}
-        for name in sorted({cell.draft_model for cell in cells if cell.draft_model}):
-            drafts[name] = loader(name, dtype=setup.dtype, device=setup.device)
-            check_vocab_match(target, drafts[name])
-        refuse_unsupported(cells, target, drafts)
-        prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions)
+        loaded = load_run(setup, cells, loader=loader)
+        if store.manifest_path().is_file() and not force:
+            refuse_other_inputs(store.read_manifest(), loaded.manifest)
         # Everything is known to work from here on: only now is a --force restart allowed to delete.
         if force:
             store.clear()
-        if (warning := machine.busy_warning(before, when="before")) is not None:
-            progress.note(f"warning: {warning}")
-        for note in prompt_set.notes:
+        for note in loaded.notes:
             progress.note(note)
-        lengths = sorted(len(prompt.token_ids) for prompt in prompt_set.prompts)
-        sizes = calibrate.block_sizes(lengths[-1], max(cell.num_speculations or 0 for cell in cells))
-        context = lengths[len(lengths) // 2] + prompt_set.max_new_tokens // 2  # a typical decode step's
-        infos = {name: model_info(loaded) | {"calibration": _calibration(loaded, sizes, context)}
-                 for name, loaded in (("target", target), *drafts.items())}
-        manifest = manifest_for(
-            setup, cells,
-            models={"target": infos.pop("target"), "drafts": infos},
-            prompts=prompt_set.describe(), device=target.model.device, dtype=target.model.dtype,
-            machine={"before": before})
+        manifest = loaded.manifest
         store.write_manifest(manifest)
-
         keyed = {cell_key(setup, cell): cell for cell in cells}
-        context = BuildContext.for_run(cells, max(len(p.token_ids) for p in prompt_set.prompts),
-                                       prompt_set.max_new_tokens, setup.sample)
-        measure_group(keyed, lambda cell: CellRunner(cell, setup, target, drafts.get(cell.draft_model), prompt_set,
-                                                     context),
-                      prompt_set, store, repeats=setup.repeats, sampled=setup.sample, progress=progress)
-        after = machine.state(threads)
-        compiled = context.compile_seconds()
+        measure_group(keyed, loaded.runner(setup), loaded.prompt_set, store, repeats=setup.repeats,
+                      sampled=setup.sample, progress=progress)
+        after = machine.state(loaded.threads)
+        compiled = loaded.context.compile_seconds()
         if compiled:
             progress.note("compile time (outside every cell's time): " + ", ".join(
                 f"{name} {seconds:.1f} s" for name, seconds in compiled.items()))
         store.write_manifest({**manifest, "provenance": {**manifest["provenance"], "compile_seconds": compiled,
-                                                         "machine": {"before": before, "after": after}}})
+                                                         "machine": {"before": loaded.before, "after": after}}})
         if (warning := machine.busy_warning(after, when="after")) is not None:
             progress.note(f"warning: {warning}")
         for problem in store.problems:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from skipbench.errors import UserError
 from skipbench.store import RunStore
 from skipbench.summary import device_slug, load_summary, run_devices
 
@@ -346,7 +347,8 @@ def write_report(run_dir: Path | str, *, peak_bandwidth: float | None = None, pe
     tag = device_slug(device) if device else None
     summary, manifest = load_summary(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops, device=device)
     if summary.empty:
-        raise ValueError(f"{run_dir} holds no finished cells to report")
+        raise UserError(f"{run_dir} holds no finished cell yet (a cell is finished when every prompt is measured): "
+                        f"run or resume its sweep first")
     directory = run_dir / "tables"
     notes = provenance_notes(manifest)
     failed = [f"failed: {e.get('cell_label')}: {e.get('error')}" for e in RunStore(run_dir).errors()]

@@ -210,3 +210,17 @@ def test_refuses_incomparable_runs(run, tmp_path) -> None:
     edit_manifest(other_model, lambda m: m["models"]["target"].update(name="synthetic:other"))
     with pytest.raises(CompareError, match="different models"):
         compare_runs(run, other_model)
+
+
+def test_a_prompt_paired_in_one_run_only_is_left_out_of_the_ratio_not_a_crash(run, tmp_path) -> None:
+    """A cell's rows of prompt 1 moved to rounds its baseline never ran (as after an interruption): the ratio
+    is taken over the prompts both runs paired."""
+    new = copy_run(run, tmp_path)
+
+    def unpair(frame):
+        frame.loc[frame["prompt_index"] == 1, "round"] += 100
+
+    edit_cell(new, FAST, unpair)
+    result = compare_runs(run, new)
+    row = result.rows[result.rows["cell"] == FAST].iloc[0]
+    assert row["speedup_ratio"] == row["speedup_ratio"] and row["speedup_ratio_low"] <= row["speedup_ratio_high"]

@@ -101,3 +101,16 @@ def test_on_cuda_float32_the_compiled_engine_with_cuda_graphs_equals_eager():
         made[cell] = generate(decoder, prompt)
     reference = made[cells[0]].tokens
     assert all(record.tokens == reference for record in made.values())
+
+
+def test_hitting_a_compile_limit_is_an_error_not_a_silent_fall_back_to_eager(models, monkeypatch):
+    from skipbench.decoding import layers
+    from skipbench.decoding.layers import EngineError
+
+    monkeypatch.setattr(layers, "WARM_UP_LIMITS", dict(recompile_limit=1, accumulated_recompile_limit=1,
+                                                       fail_on_recompile_limit_hit=True))
+    target, _, prompts = models
+    cell = Cell("self_speculative", 3, 3, backend="compiled")  # shapes no other test compiled
+    decoder = cell.method.build(cell, target, None, BuildContext.for_run([cell], max(map(len, prompts)), NEW))
+    with pytest.raises(EngineError, match="torch.compile failed"):
+        decoder.warm()

@@ -72,8 +72,10 @@ def test_partition_spreads_cells_round_robin_and_gives_every_group_its_baseline(
         speculating = [cell for cell in group if cell.method.speculates]
         assert len(speculating) == 1
         backend = speculating[0].backend
-        assert group[:2] == [Cell("autoregressive", backend=backend), Cell("autoregressive", backend=backend,
-                                                                           replica=1)]
+        # Its backend's baseline and A/A control; an hf baseline's own speedup divides by the native one's.
+        wanted = [Cell("autoregressive"), Cell("autoregressive", backend=backend)] if backend != "native" else [
+            Cell("autoregressive")]
+        assert group[:-1] == [*wanted, Cell("autoregressive", backend=backend, replica=1)]
 
 
 def test_launch_options_are_checked_and_a_sweep_file_may_hold_them(tmp_path):
@@ -113,14 +115,16 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- Slurm, through submitit
 
 
-submitit = pytest.importorskip("submitit", reason="the slurm extra is not installed: pip install -e '.[slurm]'")
+@pytest.fixture
+def submitit():
+    return pytest.importorskip("submitit", reason="the slurm extra is not installed: pip install -e '.[slurm]'")
 
 
 def slurm(root, **options):
     return launch.run(LaunchOptions(launcher="slurm", **options), SETUP, CELLS, root, force=False)
 
 
-def test_slurm_tasks_through_submitits_debug_executor_match_the_local_launcher(tmp_path, reference):
+def test_slurm_tasks_through_submitits_debug_executor_match_the_local_launcher(submitit, tmp_path, reference):
     launched = slurm(tmp_path, cluster="debug", workers=2)
     assert launched.running == 0 and complete(tmp_path)
     assert first_rows(tmp_path) == first_rows(reference)  # counts and tokens do not depend on the launcher
@@ -132,7 +136,7 @@ def test_slurm_tasks_through_submitits_debug_executor_match_the_local_launcher(t
     assert RunStore(tmp_path).errors() == []
 
 
-def test_finished_cells_are_skipped_whatever_launcher_or_group_count_comes_next(tmp_path):
+def test_finished_cells_are_skipped_whatever_launcher_or_group_count_comes_next(submitit, tmp_path):
     slurm(tmp_path, cluster="debug", workers=2)
     store = RunStore(tmp_path)
     stamps = {path: path.stat().st_mtime_ns for path in store.cells_dir.glob("*.parquet")}
@@ -153,7 +157,7 @@ def test_finished_cells_are_skipped_whatever_launcher_or_group_count_comes_next(
     assert set(RunStore(tmp_path).read_manifest()["groups"]) == {"0", "1"}
 
 
-def test_a_detached_submission_is_reported_and_collected_by_a_later_sweep(tmp_path, reference):
+def test_a_detached_submission_is_reported_and_collected_by_a_later_sweep(submitit, tmp_path, reference):
     launched = slurm(tmp_path, cluster="local", workers=2, detach=True)
     assert launched.running == 2 and "rerun the same command" in launched.note
     record = json.loads((tmp_path / "launch" / "slurm.json").read_text())
@@ -171,7 +175,7 @@ def test_a_detached_submission_is_reported_and_collected_by_a_later_sweep(tmp_pa
     assert complete(tmp_path) and first_rows(tmp_path) == first_rows(reference)
 
 
-def test_the_sweep_command_launches_on_slurm(tmp_path, monkeypatch):
+def test_the_sweep_command_launches_on_slurm(submitit, tmp_path, monkeypatch):
     monkeypatch.setenv("SKIPBENCH_SUBMITIT_CLUSTER", "debug")
     args = ["sweep", "--model", "synthetic:tiny?agree=2", "-p", "one", "-p", "two", "--max-new-tokens", "6",
             "--exits", "1,2", "--speculations", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
@@ -186,7 +190,7 @@ def test_the_sweep_command_launches_on_slurm(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- reports by device
 
 
-def test_a_run_timed_on_two_devices_is_reported_per_device(tmp_path):
+def test_a_run_timed_on_two_devices_is_reported_per_device(submitit, tmp_path):
     slurm(tmp_path, cluster="debug", workers=2)
     store = RunStore(tmp_path)
     cpu = run_devices(tmp_path)[0]
@@ -276,7 +280,9 @@ def test_a_killed_ray_worker_loses_only_its_group_in_flight_and_a_rerun_complete
     assert set(kept[kept["group"] == 0]["cell_label"]) == {cell.label() for cell in partition(CELLS, 2)[0]}
     before = set(zip(kept["cell_key"], kept["group"], kept["round"], kept["prompt_index"], kept["time_s"],
                      strict=True))
-    assert (kept["group"] == 1).sum() >= 5  # what group 1 measured before its worker died is kept
+    # What group 1 measured before its worker died is kept (but a cell's row whose baseline had not yet run in
+    # the same round: it cannot be compared, and is measured again).
+    assert (kept["group"] == 1).sum() >= 4
     ray_run(tmp_path, workers=2)
     after = store.read_cells()
     assert complete(tmp_path) and store.errors() == []

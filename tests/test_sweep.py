@@ -112,3 +112,15 @@ def test_rows_of_an_old_schema_are_refused_in_one_line(tmp_path):
     store.manifest_path().write_text(__import__("json").dumps({**manifest, "schema_version": 1}))
     with pytest.raises(Exception, match="older skipbench"):
         RunStore(tmp_path).read_manifest()
+
+
+def test_a_prompt_file_changed_under_a_run_is_refused_on_resume(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "one two"}\n{"prompt": "three four"}\n')
+    setup = Setup(model="synthetic:tiny", dataset=f"jsonl:{prompts}", max_new_tokens=4, warmup=0, repeats=1,
+                  threads=1)
+    execute(setup, CELLS[:2], tmp_path / "run")
+    prompts.write_text('{"prompt": "one two"}\n{"prompt": "five six"}\n')
+    with pytest.raises(RunError, match="inputs changed .* the prompts"):
+        execute(setup, CELLS, tmp_path / "run")
+    execute(setup, CELLS, tmp_path / "run", force=True)  # a clean restart is allowed

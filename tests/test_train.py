@@ -313,7 +313,7 @@ def test_config_from_checks_names_and_types(tmp_path):
     config = config_from({"out_dir": str(tmp_path / "out"), "corpus": str(tmp_path), "steps": 5, "lr": 1})
     assert config == TrainConfig(out_dir=tmp_path / "out", corpus=tmp_path, steps=5, lr=1.0)
     assert isinstance(config.out_dir, Path) and isinstance(config.corpus, Path) and isinstance(config.lr, float)
-    assert config_from({"out_dir": tmp_path, "corpus": None}).corpus is None
+    assert config_from({"out_dir": tmp_path, "corpus": None, "steps": 1}).corpus is None
 
     def error(options: dict) -> str:
         with pytest.raises(TrainError) as caught:

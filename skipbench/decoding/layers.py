@@ -26,9 +26,10 @@ from skipbench.decoding.record import Trace
 from skipbench.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama",)
-# torch.compile recompiles one function per (span, positions) shape; a sweep of many exits and draft
-# lengths has more than dynamo's default limit of 8.
-RECOMPILE_LIMIT = 256
+# While warming up only: torch.compile compiles one graph per pass shape, and a sweep of many exits and
+# draft lengths has more than dynamo's default limits; hitting a limit must be an error, never a silent
+# fall back to eager code in a cell labelled compiled.
+WARM_UP_LIMITS = dict(recompile_limit=1024, accumulated_recompile_limit=4096, fail_on_recompile_limit_hit=True)
 
 
 class EngineError(UserError):
@@ -171,7 +172,6 @@ class DecoderStack:
         self._caches: dict[str, KVCache] = {}
         self._warmed: set[tuple] = set()
         if compile:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
             # CUDA: CUDA graphs (what mode="reduce-overhead" turns on). CPU: the wrapper around the kernels in
             # C++ rather than Python, which is most of a small model's step.
             options = {"triton.cudagraphs": True} if self.device.type == "cuda" else {"cpp_wrapper": True}
@@ -246,7 +246,7 @@ class DecoderStack:
         if not self.compiled:
             return
         cache = self.new_cache(self.capacity, None, role)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch._dynamo.config.patch(**WARM_UP_LIMITS):
             for shape in shapes:
                 if shape in self._warmed:
                     continue
@@ -280,9 +280,14 @@ class DecoderStack:
         if function in (self._static_pass, self._static_chain):
             return function(*args)
         # Every compiled shape was warmed: dynamo need only tell its compiled shapes apart, not check that
-        # nothing else changed (the engine's tensors keep their shapes and dtypes for the whole run).
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            return function(*args)
+        # nothing else changed (the engine's tensors keep their shapes and dtypes for the whole run); and a
+        # compilation inside a timed generation would be a bug, so it is an error rather than a slow step.
+        with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
+            result = function(*args)
+        if self.device.type == "cuda":
+            # A CUDA graph's outputs live in memory its next replay reuses: keep what outlives the call.
+            result = tuple(None if part is None else part.clone() for part in result)
+        return result
 
     def _static_chain(self, inputs: torch.Tensor, positions: torch.Tensor, cache: KVCache, end: int,
                       count: int) -> tuple[torch.Tensor, torch.Tensor]:

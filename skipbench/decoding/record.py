@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 PHASES = ("prefill", "draft", "verify")
+# The counts of a generation: the same in every repeat of a greedy run, and between runs of a deterministic one.
+COUNTS = ("new_tokens", "drafted", "accepted", "verify_steps")
 MODELS = ("target", "draft")  # "draft": a separate draft model (two-model speculation)
 
 

@@ -110,10 +110,13 @@ def require(launcher: str) -> ModuleType:
 
 def _baselines_for(chunk: list[Cell], baselines: list[Cell]) -> list[Cell]:
     """The autoregressive cells a chunk's speedups divide by (and their A/A controls), in grid order."""
-    from skipbench.summary import baseline_of
+    from skipbench.spec import baseline_of
 
-    chosen = {baseline_of(cell, baselines) for cell in chunk} - {None}
-    backends = {cell.backend for cell in chosen}
+    chosen, more = set(), {baseline_of(cell, baselines) for cell in chunk} - {None}
+    while more - chosen:  # a baseline may divide by another (an hf one by the native engine's)
+        chosen |= more
+        more = {baseline_of(cell, baselines) for cell in chosen} - {None}
+    backends = {cell.backend for cell in chunk}  # the A/A controls of the chunk's own backends
     return [cell for cell in baselines if cell in chosen or (cell.replica and cell.backend in backends)]
 
 

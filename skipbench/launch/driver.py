@@ -110,6 +110,9 @@ class Session:
                 if event.kind == "worker":
                     self.report(group.index, event.row)
                     continue
+                if event.kind == "note":
+                    progress.note(event.text)
+                    continue
                 if event.kind in ("done", "failed", "skipped"):
                     settled.add(event.key)
                 yield event

@@ -17,20 +17,17 @@ import os
 import platform
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import transformers
 
 import skipbench
-from skipbench import calibrate, machine, spec
-from skipbench.measure import CellRunner, Event, GroupRows, Progress, consolidate, measure, record
-from skipbench.methods import BuildContext
-from skipbench.models import LoadedModel, check_vocab_match, load_model, resolve_device
-from skipbench.prompts import PromptSet, build_prompts
+from skipbench import spec
+from skipbench.measure import Event, GroupRows, Progress, consolidate, measure, record
 from skipbench.spec import Cell, Setup, cell_key
-from skipbench.store import RunStore, device_name, git_commit, manifest_for
-from skipbench.sweep import _calibration, model_info, refuse_unsupported
+from skipbench.store import RunStore, device_name, git_commit
+from skipbench.sweep import Loaded, load_run, refuse_other_inputs
 
 
 def device_uuid(device: torch.device) -> str | None:
@@ -61,18 +58,6 @@ def where(device: torch.device, worker: str, threads: int) -> dict:
             "git_commit": git_commit()}
 
 
-@dataclass
-class Loaded:
-    """A worker's models, prompts and engines, loaded once for all its groups."""
-
-    target: LoadedModel
-    drafts: dict[str, LoadedModel]
-    prompt_set: PromptSet
-    context: BuildContext
-    manifest: dict
-    where: dict
-
-
 class Worker:
     """Measures groups of one setup's cells on this process's device; models load on the first group."""
 
@@ -82,50 +67,27 @@ class Worker:
         self.worker = worker
         self.threads = threads
         self.loaded: Loaded | None = None
+        self.where: dict = {}
 
     def load(self) -> Loaded:
-        """What `sweep.execute` loads, for this device: target, every draft, prompts, calibration, engines."""
-        setup = self.setup
-        device = resolve_device(setup.device)
-        threads = self.threads or setup.threads or machine.default_threads()
-        if device.type == "cpu":
-            torch.set_num_threads(threads)
-        before = machine.state(threads)
-        target = load_model(setup.model, dtype=setup.dtype, device=setup.device)
-        drafts = {}
-        for name in sorted({cell.draft_model for cell in self.grid if cell.draft_model}):
-            drafts[name] = load_model(name, dtype=setup.dtype, device=setup.device)
-            check_vocab_match(target, drafts[name])
-        refuse_unsupported(self.grid, target, drafts)
-        prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions)
-        lengths = sorted(len(prompt.token_ids) for prompt in prompt_set.prompts)
-        sizes = calibrate.block_sizes(lengths[-1], max(cell.num_speculations or 0 for cell in self.grid))
-        context_tokens = lengths[len(lengths) // 2] + prompt_set.max_new_tokens // 2
-        infos = {name: model_info(loaded) | {"calibration": _calibration(loaded, sizes, context_tokens)}
-                 for name, loaded in (("target", target), *drafts.items())}
-        manifest = manifest_for(setup, self.grid, models={"target": infos.pop("target"), "drafts": infos},
-                                prompts=prompt_set.describe(), device=target.model.device,
-                                dtype=target.model.dtype, machine={"before": before})
-        context = BuildContext.for_run(self.grid, lengths[-1], prompt_set.max_new_tokens, setup.sample)
-        self.loaded = Loaded(target, drafts, prompt_set, context, manifest,
-                             where(target.model.device, self.worker, threads))
+        """What `sweep.execute` loads (`sweep.load_run`), on this device, and where this worker measures."""
+        self.loaded = load_run(self.setup, self.grid, threads=self.threads)
+        self.where = where(self.loaded.target.model.device, self.worker, self.loaded.threads)
         return self.loaded
 
     def run_group(self, cells: list[dict], group: int, stored: dict[str, list[dict]]) -> Iterator[Event]:
         """Measure one group (cells as dicts, the baseline among them) after its `stored` rows, as events:
-        first a "worker" event (where, and the manifest), then those of `measure.measure`."""
+        first a "worker" event (where, and the manifest), "note"s for the user, then those of `measure.measure`."""
         loaded = self.loaded or self.load()
         setup = self.setup
-        yield Event("worker", row={"where": loaded.where | {"group": group}, "manifest": loaded.manifest})
+        yield Event("worker", row={"where": self.where | {"group": group}, "manifest": loaded.manifest})
+        for note in loaded.notes:
+            yield Event("note", text=note)
+        loaded.notes = []
         keyed = {cell_key(setup, cell): cell for cell in (Cell(**values) for values in cells)}
-
-        def runner(cell: Cell) -> CellRunner:
-            return CellRunner(cell, setup, loaded.target, loaded.drafts.get(cell.draft_model), loaded.prompt_set,
-                              loaded.context)
-
         # Rows say which device and worker timed them: the report never divides times across devices.
-        extra = {"device_uuid": loaded.where["device_uuid"], "worker": self.worker}
-        events = measure(keyed, runner, loaded.prompt_set, GroupRows(stored), repeats=setup.repeats,
+        extra = {"device_uuid": self.where["device_uuid"], "worker": self.worker}
+        events = measure(keyed, loaded.runner(setup), loaded.prompt_set, GroupRows(stored), repeats=setup.repeats,
                          sampled=setup.sample, group=group)
         for event in events:
             yield replace(event, row=event.row | extra) if event.kind == "row" else event
@@ -146,6 +108,8 @@ def update_manifest(store: RunStore, group: int, report: dict, launch: dict | No
         try:
             current = store.read_manifest() if store.manifest_path().is_file() else {}
             current.pop("schema_version", None)
+            if current.get("models"):  # every worker must have read the same prompts and weights
+                refuse_other_inputs(current, report["manifest"])
             manifest = current if current.get("models") else {**current, **report["manifest"]}
             manifest["cells"] = current.get("cells") or report["manifest"]["cells"]  # the whole grid
             groups = {**current.get("groups", {}), str(group): report["where"]}
@@ -206,6 +170,8 @@ def run_group_task(task: dict) -> dict:
         for event in events:
             if event.kind == "worker":
                 update_manifest(store, group, event.row, task.get("launch"))
+            elif event.kind == "note":
+                print(f"group {group}: {event.text}", flush=True)
             else:
                 yield event
 
