@@ -31,8 +31,7 @@ def noise(session: nox.Session) -> None:
     this machine's noise, not a test: run it on a quiet machine."""
     install(session)
     for name in ("noise-a", "noise-b"):
-        session.run("skipbench", "sweep", "sweeps/ci-smoke.toml", "--control", "--out", f"runs/{name}", "--force",
-                    "--no-report")
+        session.run("skipbench", "sweep", "sweeps/ci-smoke.toml", "--out", f"runs/{name}", "--force", "--no-report")
     session.run("python", "-c", NOISE_CHECK)
 
 
@@ -50,6 +49,8 @@ assert covered >= 0.9 * total, "the intervals do not predict a rerun"
 
 @nox.session
 def smoke(session: nox.Session) -> None:
+    """The CI gate: the smoke sweep again, compared with results/ci-smoke (exact counts and tokens; times
+    through the two runs' intervals)."""
     install(session)
     session.run("skipbench", "sweep", "sweeps/ci-smoke.toml", "--out", "runs/ci-smoke", "--force")
-    session.run("skipbench", "compare", "results/ci-smoke", "runs/ci-smoke", "--max-slowdown", "75%")
+    session.run("skipbench", "compare", "results/ci-smoke", "runs/ci-smoke")

@@ -168,6 +168,8 @@ class RichProgress:
     def warming_up(self, cell) -> None:
         if self.live and self.task is not None:
             self.bar.update(self.task, stats=f"warming up {escape(cell.label())}")
+        elif not self.live:  # warming up (and compiling) can take minutes: say what is going on
+            self._line(f"warming up {cell.label()}")
 
     def generation_done(self, cell, row: dict) -> None:
         tokens, seconds, drafted, accepted = self.totals.get(cell, (0, 0.0, 0, 0))

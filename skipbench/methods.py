@@ -80,6 +80,8 @@ class Method:
     build: Callable[[Cell, LoadedModel, LoadedModel | None, BuildContext], Decoder]
     # Refuses (EngineError) models whose architecture the method cannot drive, before anything is timed.
     check_models: Callable[[Cell, LoadedModel, LoadedModel | None], None] = lambda cell, target, draft: None
+    # Its passes run the model's layers eagerly, as `calibrate` times them: the time model predicts it.
+    eager_layers: bool = True
 
     @property
     def speculates(self) -> bool:
@@ -262,16 +264,18 @@ register(Method("self_speculative", "native", "self", "layers < E draft K tokens
                 drafter="exit", draft_cache=None, build=_native("exit"), check_models=_engine_drives))
 # The same engine with static shapes and torch.compile (CUDA graphs on a GPU); `--compile` selects it.
 register(Method("autoregressive", "compiled", "AR", "skipbench's engine, static shapes, torch.compile",
-                drafter=None, draft_cache=None, build=_native("none", compiled=True), check_models=_engine_drives))
+                drafter=None, draft_cache=None, build=_native("none", compiled=True), check_models=_engine_drives,
+                eager_layers=False))
 register(Method("speculative", "compiled", "2-model", "the two-model engine, static shapes, torch.compile",
                 drafter="draft_model", draft_cache="draft_model", build=_native("draft_model", compiled=True),
-                check_models=_engine_drives))
+                check_models=_engine_drives, eager_layers=False))
 register(Method("self_speculative", "compiled", "self", "the self-speculative engine, static shapes, torch.compile",
-                drafter="exit", draft_cache=None, build=_native("exit", compiled=True), check_models=_engine_drives))
+                drafter="exit", draft_cache=None, build=_native("exit", compiled=True), check_models=_engine_drives,
+                eager_layers=False))
 register(Method("autoregressive", "hf", "AR", "transformers generate()", drafter=None, draft_cache=None, build=_hf()))
 register(Method("speculative", "hf", "2-model", "transformers generate(assistant_model=D)",
                 drafter="draft_model", draft_cache="draft_model", build=_hf()))
 register(Method("self_speculative", "hf", "self", "transformers generate(assistant_early_exit=E): shares weights only",
                 drafter="exit", draft_cache="exit_layers", build=_hf(), check_models=_early_exit_works))
-register(Method("autoregressive", "hf_static", "AR", "transformers generate() with a static, compiled cache",
-                drafter=None, draft_cache=None, build=_hf(static_cache=True)))
+register(Method("autoregressive", "hf_static", "AR", "transformers generate() with a static cache (compiled on CUDA)",
+                drafter=None, draft_cache=None, build=_hf(static_cache=True), eager_layers=False))

@@ -67,6 +67,15 @@ def test_a_speedup_above_the_tokens_per_step_is_flagged_impossible():
     assert summary.loc["ar", "warnings"] == []
 
 
+def test_a_control_a_little_above_one_token_per_step_within_its_interval_is_noise_not_impossible():
+    ar = hand_rows(AR, "ar", [(0, 0)] * 8, [(1.0, 1.2), (1.1, 0.9)])
+    control = hand_rows(Cell("autoregressive", replica=1), "control", [(0, 0)] * 8, [(1.1, 1.0), (0.95, 1.0)])
+    summary = summarize(pd.DataFrame(ar + control)).set_index("cell_key")
+    low, speedup, high = summary.loc["control", ["speedup_low", "speedup", "speedup_high"]]
+    assert low < 1.0 < speedup < high  # above one token per step, but only by noise
+    assert not any(w.startswith("impossible") for w in summary.loc["control", "warnings"])
+
+
 def test_the_bootstrap_interval_covers_the_true_speedup_about_95_percent_of_the_time():
     """Simulated timings with a known speedup of 1.5, per-prompt lengths and multiplicative noise shared by
     the pair within a round (machine drift) plus noise of each measurement."""
