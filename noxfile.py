@@ -26,8 +26,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def noise(session: nox.Session) -> None:
-    """The smoke sweep twice from scratch: how many speedups of the second run fall inside the first run's
-    intervals (at least 90%), and the autoregressive A/A control's interval around 1.00. A benchmark of
+    """The smoke sweep twice from scratch: how many cells' new/base speedup ratio intervals hold 1.00 (about
+    95% expected, at least 80% required), and the autoregressive A/A control's interval around 1.00. A benchmark of
     this machine's noise, not a test: run it on a quiet machine."""
     install(session)
     for name in ("noise-a", "noise-b"):
@@ -39,11 +39,11 @@ NOISE_CHECK = """
 from skipbench.compare import compare_runs
 from skipbench.summary import load_summary
 covered, total = compare_runs("runs/noise-a", "runs/noise-b").coverage
-print(f"interval coverage: {covered}/{total} = {covered / total:.0%} of the second run's speedups")
+print(f"rerun check: {covered}/{total} = {covered / total:.0%} of the ratio intervals hold 1.00")
 for run in ("runs/noise-a", "runs/noise-b"):
     control = load_summary(run)[0].query("replica == 1 and backend == 'native'").iloc[0]
     print(f"{run}: A/A control {control.speedup:.3f}x [{control.speedup_low:.3f}, {control.speedup_high:.3f}]")
-assert covered >= 0.9 * total, "the intervals do not predict a rerun"
+assert covered >= 0.8 * total, "the intervals do not explain a rerun"
 """
 
 

@@ -41,6 +41,7 @@ from rich.progress import Progress as RichBar
 from rich.table import Table
 
 from skipbench import methods, spec
+from skipbench.bars import ConsoleBar
 from skipbench.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -135,29 +136,18 @@ USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUO
 # --------------------------------------------------------------------------- progress
 
 
-class RichProgress:
+class RichProgress(ConsoleBar):
     """One bar over the generations of a sweep, with the current cell's running tokens/s and acceptance.
 
     When the output is not a terminal (a CI log, a file), plain lines instead: one per finished round,
     at most one every 20 s in between, and one per finished or failed cell."""
 
     def __init__(self):
-        self.live = console.is_terminal
-        self.bar = RichBar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=console)
+        super().__init__(console)
         self.task = None
         self.totals: dict = {}
         self.done = self.total = 0
         self.began = self.last_line = time.perf_counter()
-
-    def __enter__(self):
-        if self.live:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.live:
-            self.bar.__exit__(*exc)
 
     def plan(self, cells, generations: int, rounds: int) -> None:
         self.total, self.done = generations, 0
@@ -194,11 +184,11 @@ class RichProgress:
             self.note(f"  {cell.label()}: {status}")
 
     def note(self, text: str) -> None:
-        (self.bar.console if self.live else console).print(escape(text), soft_wrap=True)
+        self.print(text)
 
     def _line(self, text: str) -> None:
         self.last_line = time.perf_counter()
-        console.print(escape(f"[{time.perf_counter() - self.began:6.0f} s] {text}"), soft_wrap=True)
+        self.print(f"[{time.perf_counter() - self.began:6.0f} s] {text}")
 
 
 # --------------------------------------------------------------------------- printing a run
@@ -316,9 +306,18 @@ DetachOpt = typer.Option(False, "--detach", help="slurm: submit and return; the 
                          "tasks and collects (skipbench report shows what has finished).")
 
 
-def setup_options(**options) -> dict:
-    """Setup fields from the command line (None where not given)."""
+# The arguments of `run` and `sweep` that become Setup fields, by their parameter names.
+SETUP_OPTIONS = ("model", "prompt", "dataset", "num_samples", "seed", "n_shot", "template", "max_prompt_tokens",
+                 "prompt_policy", "data_dir", "max_new_tokens", "stop", "sample", "temperature", "top_p", "dtype",
+                 "device", "warmup", "repeats", "threads", "execute_code")
+
+
+def setup_options(arguments: dict) -> dict:
+    """Setup fields from a command's arguments (None where not given)."""
+    options = {name: arguments[name] for name in SETUP_OPTIONS}
     prompts, stops = options.pop("prompt"), options.pop("stop")
+    if isinstance(options["dataset"], (list, tuple)):  # sweep: repeatable
+        options["dataset"] = list(options["dataset"]) or None
     options["prompts"] = tuple(prompts) if prompts else None
     options["stop_sequences"] = tuple(stops) if stops else None
     return options
@@ -410,12 +409,7 @@ def run(
     from skipbench.sweep import run_dir_name
 
     with handled(force):
-        given = setup_options(model=model, prompt=prompt, dataset=dataset, num_samples=num_samples, seed=seed,
-                              n_shot=n_shot, template=template, max_prompt_tokens=max_prompt_tokens,
-                              prompt_policy=prompt_policy, data_dir=data_dir, max_new_tokens=max_new_tokens,
-                              stop=stop, sample=sample, temperature=temperature, top_p=top_p, dtype=dtype,
-                              device=device, warmup=warmup, repeats=repeats, threads=threads,
-                              execute_code=execute_code)
+        given = setup_options(locals())
         setup = spec.override(spec.Setup(), **given)
         if setup.dataset is None and not setup.prompts:
             setup = replace(setup, prompts=("def fibonacci(n):",))
@@ -476,12 +470,7 @@ def sweep(
     from skipbench import sweep as sweeping
 
     with handled(force):
-        given = setup_options(model=model, prompt=prompt, dataset=list(dataset) if dataset else None,
-                              num_samples=num_samples, seed=seed, n_shot=n_shot, template=template,
-                              max_prompt_tokens=max_prompt_tokens, prompt_policy=prompt_policy, data_dir=data_dir,
-                              max_new_tokens=max_new_tokens, stop=stop, sample=sample, temperature=temperature,
-                              top_p=top_p, dtype=dtype, device=device, warmup=warmup, repeats=repeats,
-                              threads=threads, execute_code=execute_code)
+        given = setup_options(locals())
         grid = dict(exits=exits, speculations=speculations, strategies=strategies, backends=backends,
                     draft_models=list(draft_model) if draft_model else None, control=control)
         default = replace(DEFAULT_SWEEP, setup=dict(DEFAULT_SWEEP.setup), grid=dict(DEFAULT_SWEEP.grid))

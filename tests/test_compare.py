@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from skipbench.compare import CompareError, compare_runs, comparison_text, format_comparison
+from skipbench.compare import CompareError, Comparison, compare_runs, comparison_text, format_comparison
 from skipbench.spec import Cell, Setup, with_baseline
 from skipbench.store import RunStore
 from skipbench.sweep import execute
@@ -224,3 +225,11 @@ def test_a_prompt_paired_in_one_run_only_is_left_out_of_the_ratio_not_a_crash(ru
     result = compare_runs(run, new)
     row = result.rows[result.rows["cell"] == FAST].iloc[0]
     assert row["speedup_ratio"] == row["speedup_ratio"] and row["speedup_ratio_low"] <= row["speedup_ratio_high"]
+
+
+def test_the_rerun_check_counts_ratio_intervals_that_hold_one():
+    rows = pd.DataFrame({"speedup_ratio_low": [0.9, 1.05, np.nan, 1.0, 0.7],
+                         "speedup_ratio_high": [1.1, 1.20, np.nan, 1.0, 0.95]})
+    comparison = Comparison(Path("a"), Path("b"), rows)
+    # [0.9, 1.1] holds 1; [1.05, 1.2] and [0.7, 0.95] do not; no interval and a zero-width one are not counted.
+    assert comparison.coverage == (1, 3)

@@ -12,9 +12,8 @@ import time
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-from rich.progress import Progress as RichBar
 
+from skipbench.bars import ConsoleBar
 from skipbench.measure import Progress
 from skipbench.spec import Cell
 
@@ -66,28 +65,16 @@ class GroupProgress(Progress):
         self.board.note(f"{self.worker}: {text}")
 
 
-class RichBoard(Board):
+class RichBoard(ConsoleBar, Board):
     """The board on a console (stderr): a bar over cells and a bar per worker over its group's generations."""
 
     def __init__(self, console: Console):
-        self.console = console
-        self.live = console.is_terminal
-        self.bar = RichBar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=console)
+        super().__init__(console)
         self.cells = None
         self.workers: dict[str, object] = {}
         self.states: dict[str, str] = {}
         self.lock = threading.RLock()
         self.last_line = time.perf_counter()
-
-    def __enter__(self):
-        if self.live:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.live:
-            self.bar.__exit__(*exc)
 
     def start(self, cells: int, text: str) -> None:
         with self.lock:
@@ -116,4 +103,4 @@ class RichBoard(Board):
 
     def note(self, text: str) -> None:
         with self.lock:
-            (self.bar.console if self.live else self.console).print(escape(text), soft_wrap=True)
+            self.print(text)
