@@ -299,7 +299,9 @@ def test_ctrl_c_stops_the_ray_workers_and_keeps_every_journaled_row(ray_cluster,
         ray_run(tmp_path, Hook(interrupt), workers=2)
     store = RunStore(tmp_path)
     journaled = sum(len(store.read_journal(group)) for group in (0, 1))
-    assert journaled >= 5 and store.errors() == [] and not store.has_cells()
+    # Group 0 may have finished its cells before group 1's fifth row (a loaded machine): those are files.
+    finished = len(store.read_cells()) if store.has_cells() else 0
+    assert journaled + finished >= 5 and len(store.read_journal(1)) >= 1 and store.errors() == []
     alive = [actor for actor in ray_cluster.util.list_named_actors() if actor.startswith("skipbench-")]
     time.sleep(1)
     assert all(_gone(ray_cluster, name) for name in alive)
