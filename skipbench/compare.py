@@ -40,6 +40,7 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     deterministic: bool = False
     settings: dict = field(default_factory=dict)
+    environment: list[tuple[str, str, str]] = field(default_factory=list)  # (what, base, new) that differ
 
     @property
     def ok(self) -> bool:
@@ -65,6 +66,25 @@ def _decoding(manifest: dict) -> dict:
     if settings["sample"]:
         settings |= {"temperature": setup.get("temperature"), "top_p": setup.get("top_p")}
     return settings
+
+
+# What a run's numbers may depend on besides the code path a cell takes: (label, provenance key).
+ENVIRONMENT = (("skipbench commit", "git_commit"), ("skipbench", "skipbench_version"), ("torch", "torch_version"),
+               ("transformers", "transformers_version"), ("python", "python_version"), ("device", "device"),
+               ("threads", "cpu_threads"), ("dtype", "dtype"))
+
+
+def environment_differences(base: dict, new: dict) -> list[tuple[str, str, str]]:
+    """(what, base value, new value) for each part of the two runs' environments that differs: a regression
+    check across a library upgrade or another machine is what compare is run for."""
+    found = []
+    for label, key in ENVIRONMENT:
+        values = [str((manifest.get("provenance") or {}).get(key, "?")) for manifest in (base, new)]
+        if key == "git_commit":
+            values = [value[:10] for value in values]
+        if values[0] != values[1]:
+            found.append((label, values[0], values[1]))
+    return found
 
 
 def check_comparable(base: dict, new: dict) -> None:
@@ -210,7 +230,8 @@ def compare_runs(base_dir: Path | str, new_dir: Path | str, *, max_slowdown: flo
         rows.append(row)
     settings = dict(max_slowdown=max_slowdown, max_acceptance_drop=max_acceptance_drop,
                     max_quality_drop=max_quality_drop)
-    return Comparison(Path(base_dir), Path(new_dir), pd.DataFrame(rows), problems, notes, deterministic, settings)
+    return Comparison(Path(base_dir), Path(new_dir), pd.DataFrame(rows), problems, notes, deterministic, settings,
+                      environment_differences(base.manifest, new.manifest))
 
 
 def _figures(b: dict | None, n: dict) -> dict:
@@ -267,11 +288,21 @@ def _judge(base: _Run, new: _Run, identity: tuple, b: dict, n: dict, row: dict, 
 # --------------------------------------------------------------------------- output
 
 
+def environment_text(comparison: Comparison) -> str:
+    """One line per part of the environment that differs between the runs, or one line saying none does."""
+    if not comparison.environment:
+        return "environment: the same (skipbench commit, torch, transformers, python, device, threads, dtype)"
+    return "\n".join(f"environment differs: {label} {base} -> {new}" for label, base, new in comparison.environment)
+
+
 def format_comparison(comparison: Comparison):
-    """A rich Table of the per-cell comparison; problems and notes in its caption. User text (cell labels name
-    draft models; run paths) is escaped: rich would read `[...]` in it as markup."""
+    """The runs' environment differences, then a rich Table of the per-cell comparison; problems and notes in
+    its caption. User text (cell labels name draft models; run paths) is escaped: rich would read `[...]` in it
+    as markup."""
+    from rich.console import Group
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     status = "[green]OK[/]" if comparison.ok else f"[red]FAIL[/] ({len(comparison.problems)} problems)"
     table = Table(title=f"compare {escape(str(comparison.base_dir))} -> {escape(str(comparison.new_dir))}: {status}",
@@ -298,7 +329,7 @@ def format_comparison(comparison: Comparison):
                f"rerun check: {covered}/{total} new/base ratio intervals hold 1.00 (about 95% when nothing changed)"]
     table.caption = "\n".join(caption + [f"note: {escape(note)}" for note in comparison.notes])
     table.caption_justify = "left"
-    return table
+    return Group(Text(environment_text(comparison)), table)
 
 
 def comparison_text(comparison: Comparison, width: int = 160) -> str:

@@ -242,6 +242,26 @@ def _autoregressive_passes(prompt_tokens: int, total_tokens: int, layers: int, c
                  static=True) for start in starts]
 
 
+def _drafter_restarts(passes: list[Pass]) -> dict[tuple[str, int], int]:
+    """(drafter, step) -> where that drafter's cache stood when it next drafted after the step: the context of
+    its first draft pass in a later step.
+
+    transformers rolls the drafter's cache back before drafting, and how far has changed between releases
+    (5.24 kept two positions fewer than the sequence and fed the second-last token again; 5.25 keeps one
+    fewer), so the hooks' record of where drafting resumed, not a model of the drafter, says which earlier
+    draft work was kept."""
+    firsts: dict[tuple[str, int], int] = {}
+    for entry in passes:
+        if entry.phase == "draft":
+            firsts.setdefault((entry.model, entry.step), entry.context)
+    restarts: dict[tuple[str, int], int] = {}
+    upcoming: dict[str, int] = {}
+    for step in range(max((entry.step for entry in passes), default=-1), -2, -1):
+        restarts.update({(model, step): context for model, context in upcoming.items()})
+        upcoming.update({model: context for (model, at), context in firsts.items() if at == step})
+    return restarts
+
+
 def _replay(record: Generation, sequence: list[int], steps: list[tuple[Step, int]], eos: set[int],
             stop: Callable[[list[int]], bool] | None) -> None:
     """Emit each step's committed tokens through the native rule, and judge each pass's kept share."""
@@ -250,15 +270,16 @@ def _replay(record: Generation, sequence: list[int], steps: list[tuple[Step, int
         entry.step = step_of_pass
         if entry.phase == "verify":
             step_of_pass += 1
+    restarts = _drafter_restarts(record.passes)
     before = record.prompt_tokens
     for index, (step, after) in enumerate(steps):
         for entry in record.passes:
             if entry.step == index:
                 entry.settle(after - 1)  # the cache holds all committed tokens but the step's own last one
-                if entry.phase == "draft":
-                    # transformers crops the drafter's cache one position further and feeds that position
-                    # again in the next step: its first computation is waste.
-                    entry.kept_positions = min(entry.kept_positions, max(0, after - 2 - entry.context))
+                resumed = restarts.get((entry.model, index))
+                if entry.phase == "draft" and resumed is not None:
+                    # Work on positions the drafter computes again when it next drafts was not kept.
+                    entry.kept_positions = min(entry.kept_positions, max(0, resumed - entry.context))
                     entry.kept_window = entry.context + entry.kept_positions
         record.steps.append(step)
         if record.emit(sequence[before:after], step.accepted, eos, stop):

@@ -79,7 +79,35 @@ def test_identical_runs_pass(run) -> None:
     assert fast["speedup_ratio"] == pytest.approx(1.0)
     assert fast["speedup_ratio_low"] == pytest.approx(1.0) and fast["speedup_ratio_high"] == pytest.approx(1.0)
     assert "OK" in comparison_text(result)
-    assert format_comparison(result).row_count == 3
+    assert format_comparison(result).renderables[1].row_count == 3
+    assert result.environment == []
+    assert comparison_text(result).splitlines()[0].startswith("environment: the same")
+
+
+def test_environment_differences_are_printed_above_the_table(run, tmp_path) -> None:
+    new = copy_run(run, tmp_path)
+
+    def upgraded(manifest) -> None:
+        manifest["provenance"]["transformers_version"] = "9.99.0"
+        manifest["provenance"]["git_commit"] = "0123456789abcdef"
+        manifest["provenance"]["cpu_threads"] = 7
+
+    edit_manifest(new, upgraded)
+    base_provenance = json.loads((run / "manifest.json").read_text())["provenance"]
+    result = compare_runs(run, new)
+    assert result.ok  # an environment change is information, not a regression
+    assert result.environment == [
+        ("skipbench commit", str(base_provenance["git_commit"])[:10], "0123456789"),
+        ("transformers", base_provenance["transformers_version"], "9.99.0"),
+        ("threads", str(base_provenance["cpu_threads"]), "7"),
+    ]
+    lines = comparison_text(result).splitlines()
+    assert lines[:3] == [
+        f"environment differs: skipbench commit {str(base_provenance['git_commit'])[:10]} -> 0123456789",
+        f"environment differs: transformers {base_provenance['transformers_version']} -> 9.99.0",
+        f"environment differs: threads {base_provenance['cpu_threads']} -> 7",
+    ]
+    assert lines[3].startswith("compare ")  # the table's title follows the environment lines
 
 
 def test_thirty_percent_slowdown_fails(run, tmp_path) -> None:

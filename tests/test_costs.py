@@ -37,7 +37,7 @@ from skipbench.costs import (
     pass_table,
 )
 from skipbench.decoding.autoregressive import Autoregressive
-from skipbench.decoding.layers import DecoderStack
+from skipbench.decoding.layers import DecoderStack, cache_keyword
 from skipbench.decoding.loop import generate
 from skipbench.decoding.record import PHASES, Pass
 from skipbench.decoding.sampling import Sampler
@@ -311,9 +311,9 @@ class Runner:
                     h,
                     attention_mask=mask,
                     position_ids=pos,
-                    past_key_values=cache,
                     use_cache=True,
                     position_embeddings=rope,
+                    **{cache_keyword(layer): cache},
                 )
                 h = h[0] if isinstance(h, tuple) else h
             return h
@@ -333,7 +333,7 @@ def test_full_forward_matches_flop_counter(name: str, attn: str) -> None:
     vocab = model.config.vocab_size
     for n, c in [(7, 0), (1, 7), (5, 8)]:  # prefill, decode, verify-like
         with torch.no_grad(), counter() as fc:
-            model(torch.randint(0, vocab, (1, n)), past_key_values=cache, use_cache=True)
+            model(torch.randint(0, vocab, (1, n)), use_cache=True, **{cache_keyword(model): cache})
         # transformers computes logits for every position by default.
         predicted = forward_flops(shape, n, c, head_positions=n)
         rotary = rotary_flops(model, n)
@@ -537,12 +537,17 @@ class ModelCalls:
         self.target, self.layers = target, target.config.num_hidden_layers
         self.models = [target] if draft is None else [target, draft]
         self.raw: list[tuple[bool, LlamaForCausalLM, int, int]] = []  # (draft call, model, positions, FLOPs)
+        self.spans: list[tuple[bool, int, int]] = []  # (draft call, its cache's length before it, positions)
         self.caches: dict[bool, object] = {}  # the KV cache each kind of call last returned
         self.open: list[tuple[FlopCounterMode, bool]] = []
         self.hooks = []
 
     def _before(self, module, args, kwargs) -> None:
         drafting = module is not self.target or module.config.num_hidden_layers < self.layers
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        positions = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+        self.spans.append((drafting, cache.get_seq_length() if cache is not None else 0, positions))
         mode = counter()
         mode.__enter__()
         self.open.append((mode, drafting))
@@ -618,27 +623,25 @@ def test_hf_passes_match_flop_counter(kind: str, arg, k: int, attn: str) -> None
 
 @pytest.mark.parametrize("kind, arg", [("early_exit", 2), ("assistant", "synthetic:tiny?layers=2")])
 def test_hf_drafter_reprocessing_is_counted(kind: str, arg) -> None:
-    """transformers crops the drafter's cache two tokens short of the sequence, so after a rejected step it feeds
-    the last kept draft again; those re-processed positions are in the recorded passes, at their real cost."""
+    """However far transformers rolls its drafter's cache back (5.24 fed the second-last token again after each
+    step, 5.25 does not), draft work on a position the drafter computes again later is waste: checked against
+    the drafter's real cache length before each of its calls, and at the real cost of each call."""
     target, kwargs, shapes, draft = hf_setup(kind, arg, 3)
     with ModelCalls(target, draft) as calls:
         record = decode_hf(target, **kwargs)
-    steps = record.steps
-    first_draft = {}
-    for entry in record.passes:
-        if entry.phase == "draft":
-            first_draft.setdefault(entry.step, entry)
-    # After step s, the sequence holds `after` tokens; the drafter feeds from after - 2 on.
-    after = len(PROMPT)
-    for index, step in enumerate(steps[:-1]):
-        after += step.accepted + 1
-        if index + 1 in first_draft:
-            entry = first_draft[index + 1]
-            assert (entry.context, entry.positions) == (after - 2, 2), (index, entry)
-    rejected = [i for i, s in enumerate(steps[:-1]) if s.accepted < s.drafted and i + 1 in first_draft]
-    assert rejected  # the case exercises re-processing of a position the drafter had already computed
+    drafts = [p for p in record.passes if p.phase == "draft"]
+    spans = [(start, positions) for drafting, start, positions in calls.spans if drafting]
+    assert [(p.context, p.positions) for p in drafts] == spans
+    assert any(s.accepted < s.drafted for s in record.steps[:-1])  # rejections: the drafter must roll back
+    last_step = len(record.steps) - 1
+    for index, entry in enumerate(drafts):
+        # Where the drafter's cache stood when it next drafted (the spans above are its real cache lengths).
+        resumed = min((later.context for later in drafts[index + 1 :] if later.step > entry.step), default=None)
+        if entry.step == last_step or resumed is None:
+            continue  # the generation ends: nothing computes it again
+        assert entry.kept_positions == max(0, min(entry.positions, resumed - entry.context)), (index, entry)
     drafted = [f for drafting, f in calls.calls if drafting]
-    recorded = [analytical(shapes, p) for p in record.passes if p.phase == "draft"]
+    recorded = [analytical(shapes, p) for p in drafts]
     assert recorded == drafted
 
 

@@ -5,7 +5,7 @@ import torch
 from conftest import make_model
 
 from skipbench.decoding.autoregressive import Autoregressive
-from skipbench.decoding.layers import DecoderStack, EngineError
+from skipbench.decoding.layers import DecoderStack, EngineError, cache_keyword
 from skipbench.decoding.loop import generate
 from skipbench.decoding.sampling import Sampler
 from skipbench.decoding.self_speculative import SelfSpeculative
@@ -202,3 +202,34 @@ def test_on_cuda_float32_self_speculation_still_equals_autoregressive():
     reference = generate(Autoregressive(stack), PROMPT, num_speculations=0, **common).tokens
     for exit_layer in range(1, stack.num_layers):
         assert generate(SelfSpeculative(stack, exit_layer), PROMPT, num_speculations=4, **common).tokens == reference
+
+
+def test_cache_keyword_follows_the_installed_layer_signature() -> None:
+    """transformers 5.25 renamed the layers' past_key_values= to cache=: the engine asks the signature."""
+
+    class NewLayer(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, **kwargs):
+            return hidden_states
+
+    class OldLayer(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+            return hidden_states
+
+    class AlienLayer(torch.nn.Module):
+        def forward(self, hidden_states, kv_state=None):
+            return hidden_states
+
+    assert cache_keyword(NewLayer()) == "cache"
+    assert cache_keyword(OldLayer()) == "past_key_values"
+    with pytest.raises(EngineError, match=r"^transformers .* changed how a decoder layer takes its KV cache .*"
+                                          r"supports transformers 4\.56 to 5\.25"):
+        cache_keyword(AlienLayer())
+
+
+def test_engine_makes_no_deprecated_call(model, recwarn) -> None:
+    """The engine calls each layer with the keyword the installed transformers takes: no FutureWarning."""
+    stack = DecoderStack(model)
+    decode(Autoregressive(stack), new=4)
+    decode(SelfSpeculative(stack, 1), k=3, new=6)
+    deprecated = [w for w in recwarn if issubclass(w.category, FutureWarning)]
+    assert deprecated == [], [str(w.message) for w in deprecated]

@@ -17,9 +17,11 @@ Two ways to run a span:
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
+import transformers
 from transformers import PreTrainedModel
 
 from skipbench.decoding.record import Trace
@@ -127,12 +129,28 @@ def static_mask(positions: torch.Tensor, capacity: int, dtype: torch.dtype) -> t
     return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
 
 
+def cache_keyword(layer: torch.nn.Module) -> str:
+    """The keyword the installed transformers' decoder layer takes its cache by: `cache` from 5.25 on (where
+    `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before. Read from the signature,
+    never from a version number."""
+    parameters = inspect.signature(layer.forward).parameters
+    for keyword in ("cache", "past_key_values"):
+        if keyword in parameters:
+            return keyword
+    raise EngineError(f"transformers {transformers.__version__} changed how a decoder layer takes its KV cache "
+                      f"({type(layer).__name__}.forward has neither cache= nor past_key_values=); skipbench's "
+                      f"engine supports transformers 4.56 to 5.25 (tested): use --backend hf or another release")
+
+
 def run_layers(layers, hidden: torch.Tensor, *, mask: torch.Tensor | None, positions: torch.Tensor,
-               position_embeddings, cache: KVCache | None = None) -> torch.Tensor:
-    """Call a sequence of the model's own decoder layers, with a KV cache (decoding) or without (training)."""
+               position_embeddings, cache: KVCache | None = None, keyword: str = "cache") -> torch.Tensor:
+    """Call a sequence of the model's own decoder layers, with a KV cache (decoding) or without (training).
+
+    `keyword`: what the layers call their cache argument (`cache_keyword`); unused without a cache."""
+    cached = {keyword: cache, "use_cache": True} if cache is not None else {}
     for layer in layers:
-        output = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=cache is not None, position_embeddings=position_embeddings)
+        output = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings,
+                       **cached)
         hidden = output[0] if isinstance(output, tuple) else output  # transformers < 5 returned tuples
     return hidden
 
@@ -164,6 +182,7 @@ class DecoderStack:
         self.rotary_emb = body.rotary_emb
         self.lm_head = model.lm_head
         self.num_layers = config.num_hidden_layers
+        self.cache_keyword = cache_keyword(self.layers[0])
         self.device = self.embed_tokens.weight.device
         self.dtype = self.embed_tokens.weight.dtype
         self.compiled = compile
@@ -324,7 +343,7 @@ class DecoderStack:
             position_embeddings = self.rotary_emb(hidden, positions[None])
             mask = static_mask(positions, cache.capacity, hidden.dtype)
             hidden = run_layers(self.layers[start:end], hidden, mask=mask, positions=positions[None],
-                                position_embeddings=position_embeddings, cache=cache)
+                                position_embeddings=position_embeddings, cache=cache, keyword=self.cache_keyword)
         return hidden, self._head(hidden[:, hidden.shape[1] - head :]) if head else None
 
     def _layers(self, hidden: torch.Tensor, cache: KVCache, start: int, end: int, past: int,
@@ -333,7 +352,7 @@ class DecoderStack:
         position_embeddings = self.rotary_emb(hidden, positions)
         mask = causal_mask(self.config, past, count, self.device, self.dtype)
         return run_layers(self.layers[start:end], hidden, mask=mask, positions=positions,
-                          position_embeddings=position_embeddings, cache=cache)
+                          position_embeddings=position_embeddings, cache=cache, keyword=self.cache_keyword)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: (1, n, d) -> (n, vocab) float32 logits."""
