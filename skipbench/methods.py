@@ -22,7 +22,17 @@ if TYPE_CHECKING:  # torch and the engines load when a decoder is built, not whe
     from skipbench.decoding.record import Generation
     from skipbench.decoding.sampling import Sampler
     from skipbench.models import LoadedModel
-    from skipbench.spec import Cell
+
+
+class Cell(Protocol):
+    """What a method reads of a cell: `spec.Cell` has these (spec sits above the registry and asks it about
+    strategies and backends, so the registry names the knobs it needs instead of importing spec)."""
+
+    strategy: str
+    backend: str
+    exit_layer: int | None
+    num_speculations: int | None
+    draft_model: str | None
 
 
 class Decoder(Protocol):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from skipbench import methods
 from skipbench.errors import SpecError
+from skipbench.launch_options import options_from
 
 __all__ = ["Cell", "Grid", "Setup", "SpecError", "cell_key", "parse_range"]
 
@@ -281,7 +282,7 @@ class SweepFile:
     grid: dict
     out: str | None
     train: list[dict]  # [[train]] tables: models to train (or reuse) and sweep one after the other
-    launch: dict = field(default_factory=dict)  # [launch]: where the cells run (skipbench.launch.options_from)
+    launch: dict = field(default_factory=dict)  # [launch]: where the cells run (skipbench.launch_options.options_from)
 
 
 def _kind(hint: str) -> tuple[str, bool]:
@@ -363,7 +364,5 @@ def load_sweep_file(path: str) -> SweepFile:
     launch = data.get("launch", {})
     if not isinstance(launch, dict):
         raise SpecError(f"sweep file {path}: [launch] must be a table")
-    from skipbench.launch import options_from
-
     options_from(launch, origin=path)  # checked now, so a typo costs a second, not a model load
     return SweepFile(setup, data.get("sweep", {}), data.get("out"), train, launch)

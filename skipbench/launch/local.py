@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from skipbench.launch import stored_groups
+from skipbench.launch.plan import stored_groups
 from skipbench.measure import Progress
 from skipbench.spec import Cell, Setup, cell_key
 from skipbench.store import RunStore

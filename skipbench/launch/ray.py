@@ -18,10 +18,11 @@ from pathlib import Path
 
 from skipbench import machine
 from skipbench.errors import UserError
-from skipbench.launch import Launched, LaunchError, LaunchOptions, plan_groups, require
 from skipbench.launch.driver import Group, Session
+from skipbench.launch.plan import Launched, plan_groups
 from skipbench.launch.progress import Board
 from skipbench.launch.worker import Worker
+from skipbench.launch_options import LaunchError, LaunchOptions, require
 from skipbench.spec import Cell, Setup
 
 

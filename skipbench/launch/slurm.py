@@ -21,10 +21,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from skipbench.launch import Launched, LaunchError, LaunchOptions, plan_groups, require
 from skipbench.launch.driver import Group, Session
+from skipbench.launch.plan import Launched, plan_groups
 from skipbench.launch.progress import Board
 from skipbench.launch.worker import run_group_task
+from skipbench.launch_options import LaunchError, LaunchOptions, require
 from skipbench.measure import GroupRows
 from skipbench.spec import Cell, Setup, cell_key
 from skipbench.store import RunStore, write_atomic
