@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from skipbench.tasks import sandbox
+from skipbench.tasks.sandbox import runner as sandbox
 
 SUPPORT = sandbox.sandbox_support()
 needs_sandbox = pytest.mark.skipif(SUPPORT is not None, reason=f"namespace sandbox unavailable here: {SUPPORT}")
