@@ -212,6 +212,85 @@ def test_files_only_the_user_can_read_stay_unreadable(secrets_on_disk):
     assert "TOP SECRET" not in outcome.detail
 
 
+@pytest.fixture
+def host_things(tmp_path):
+    """A world-readable sentinel file and a listening Unix socket anyone may connect to, in a world-accessible
+    directory inside the project checkout (not under any directory the old runner covered)."""
+    public = Path(tempfile.mkdtemp(prefix=".skipbench-public-", dir=HERE))
+    public.chmod(0o777)
+    sentinel = public / "sentinel.txt"
+    sentinel.write_text("HOST SENTINEL")
+    sentinel.chmod(0o644)
+    host_tmp = Path(tempfile.mkdtemp(prefix="skipbench-sentinel-"))  # the host's /tmp
+    host_tmp.chmod(0o755)
+    (host_tmp / "sentinel.txt").write_text("HOST SENTINEL")
+    (host_tmp / "sentinel.txt").chmod(0o644)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(public / "s"))
+    (public / "s").chmod(0o777)
+    server.listen()
+    server.setblocking(False)
+    yield {"files": [str(sentinel), str(host_tmp / "sentinel.txt"), str(HERE / "test_sandbox.py")],
+           "dirs": [str(HERE), str(HERE.parent), str(host_tmp)], "socket": str(public / "s"), "server": server}
+    server.close()
+    shutil.rmtree(public)
+    shutil.rmtree(host_tmp)
+
+
+@needs_sandbox
+def test_the_project_tree_host_files_and_host_sockets_are_not_there(host_things, mode):
+    program = f"""
+        import os, socket
+        seen = []
+        for path in {host_things["files"]!r}:
+            try:
+                seen.append(open(path).read()[:20])
+            except OSError:
+                pass
+        for path in {host_things["dirs"]!r}:
+            try:
+                seen.append(os.listdir(path))
+            except OSError:
+                pass
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect({host_things["socket"]!r})
+                seen.append("connected")
+            except OSError:
+                pass
+        def check():
+            assert seen == [], seen
+            assert "sh" in os.listdir("/bin") and os.path.exists("/dev/null")  # what a program may need is there
+    """
+    outcome = run(program)
+    assert outcome.passed, outcome
+    with pytest.raises(BlockingIOError):
+        host_things["server"].accept()  # nobody connected
+
+
+@needs_sandbox
+def test_process_command_lines_show_no_host_path_or_configuration(tmp_path, mode):
+    import skipbench
+
+    # The interpreter's own path is visible inside anyway (sys.executable); these are not.
+    secret = [str(tmp_path), str(HERE), str(Path(skipbench.__file__).parent), '"limits"', "memory_bytes",
+              "result_fd"]
+    program = f"""
+        import os
+        lines = {{}}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() or entry == "self":
+                with open(f"/proc/{{entry}}/cmdline", "rb") as f:
+                    lines[entry] = f.read().decode(errors="replace")
+        def check():
+            assert "1" in lines and lines["1"], lines
+            found = {{pid: word for pid, line in lines.items() for word in {secret!r} if word in line}}
+            assert found == {{}}, found
+    """
+    outcome = run(program)
+    assert outcome.passed, outcome
+
+
 @needs_sandbox
 def test_file_size_limit():
     outcome = run("open('big.bin', 'wb').write(b'x' * (32 << 20))\ndef check():\n    pass\n", file_bytes=1 << 20)

@@ -131,7 +131,7 @@ def _init(config: dict) -> NoReturn:
         # the program cannot kill it (Python handles SIGINT by default).
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.umask(0o022)
-        rootfs.build_filesystem(config["hide"], config["keep"], config["workdir"], config["limits"]["file_bytes"])
+        rootfs.build_root(config["root"], config["workdir"], config["limits"]["file_bytes"])
         harness = os.fork()
     except OSError as exc:
         report(f"setup-error {exc}")

@@ -9,6 +9,7 @@ import ctypes
 import errno
 import os
 import re
+import stat
 
 from . import linux
 
@@ -39,27 +40,68 @@ def enter_namespaces(userns: bool) -> None:
             f.write(text)
 
 
-def build_filesystem(hide: list[str], keep: list[str], workdir: str, file_bytes: int) -> None:
+STAGE = "/tmp"  # where init assembles the new root (a mount in its own namespace only; the host's /tmp stays)
+
+
+def build_root(paths: list[str], workdir: str, file_bytes: int) -> None:
+    """Make a fresh root that holds only ``paths`` (bound read-only at their own place), a minimal /dev,
+    a new /proc and a writable tmpfs at ``workdir``, and switch to it: the rest of the host's filesystem
+    (project trees, home directories, sockets in /run or /tmp) is not there at all.
+
+    ``paths`` must not lie inside one another: every mount point is created in the new root's own
+    tmpfs, never through a bind into the host.
+    """
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)  # nothing mounted from here on reaches the host
-    # Hold what must stay visible under a covered directory before covering it.
-    exposed = [(path, os.open(path, os.O_PATH)) for path in keep if any(is_under(path, h) for h in hide)]
-    for directory in hide:
-        if directory == workdir:
-            options = f"size={4 * file_bytes},nr_inodes=4096,mode=1777"
+    # Hold every source before STAGE covers whatever of it lay under the host's /tmp.
+    held = []
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        held.append((path, fd, stat.S_ISDIR(os.fstat(fd).st_mode)))
+    linux.mount("tmpfs", STAGE, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=1m,nr_inodes=4096,mode=755")
+    scratch = STAGE + workdir
+    os.makedirs(scratch, 0o755, exist_ok=True)
+    linux.mount("tmpfs", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                f"size={4 * file_bytes},nr_inodes=4096,mode=1777")
+    for path, _, is_dir in held:  # mount points first, so that no directory is ever made through a bind
+        target = STAGE + path
+        if is_dir:
+            os.makedirs(target, 0o755, exist_ok=True)
         else:
-            options = "size=1m,nr_inodes=256,mode=755"
-        linux.mount("tmpfs", directory, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, options)
-    for path, fd in exposed:
-        os.makedirs(path, 0o755, exist_ok=True)
-        linux.mount(f"/proc/self/fd/{fd}", path, None, linux.MS_BIND | linux.MS_REC)
+            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644))
+    for path, fd, _ in held:
+        # Device files keep working: a bind keeps its source's mount flags (not the new root's nodev).
+        linux.mount(f"/proc/self/fd/{fd}", STAGE + path, None, linux.MS_BIND | linux.MS_REC)
         os.close(fd)
-    set_readonly("/", True, recursive=True)
-    set_readonly(workdir, False, recursive=False)  # the binds inside it stay read-only
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.makedirs(STAGE + "/dev", 0o755, exist_ok=True)
+        os.symlink(target, f"{STAGE}/dev/{name}")
+    os.makedirs(STAGE + "/proc", 0o555, exist_ok=True)
     flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RDONLY
-    try:  # a proc of the new PID namespace: the host's processes disappear
-        linux.mount("proc", "/proc", "proc", flags)
-    except OSError:  # refused in some containers (a partly covered /proc): hide the host's instead
-        linux.mount("tmpfs", "/proc", "tmpfs", flags, "size=4k,mode=555")
+    try:  # a proc of the new PID namespace: it shows only the sandbox's processes
+        linux.mount("proc", STAGE + "/proc", "proc", flags)
+    except OSError:  # refused in some containers (a partly covered /proc): leave it empty
+        pass
+    set_readonly(STAGE, True, recursive=True)
+    set_readonly(scratch, False, recursive=False)  # binds inside it (a venv under /tmp) stay read-only
+    _switch_root(STAGE)
+
+
+def _switch_root(new_root: str) -> None:
+    """Make new_root "/" and drop the old root from this mount namespace altogether."""
+    os.chdir(new_root)
+    libc = linux.libc()
+    if linux.SYS_PIVOT_ROOT is not None and libc.syscall(linux.SYS_PIVOT_ROOT, b".", b".") == 0:
+        # The old root is now stacked on "/"; detaching it leaves the new root alone.
+        linux.check(libc.umount2(b".", linux.MNT_DETACH), "umount the old root")
+    else:  # pivot_root refused (a root that is rootfs) or unknown here: move the new root over "/"
+        linux.mount(".", "/", None, linux.MS_MOVE)
+        linux.check(libc.chroot(b"."), "chroot")
+    os.chdir("/")
 
 
 # Per-mount flags that must be repeated on a read-only remount (a user namespace may not clear them).

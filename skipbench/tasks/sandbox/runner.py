@@ -108,33 +108,27 @@ def _is_under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _outermost(paths: list[str]) -> list[str]:
-    """Existing directories, resolved, without duplicates and without those inside another one."""
-    real = []
-    for path in paths:
-        path = os.path.realpath(path)
-        if path != "/" and os.path.isdir(path) and path not in real:
-            real.append(path)
-    return [p for p in real if not any(q != p and _is_under(p, q) for q in real)]
+# What the new root holds besides the interpreter: the system's programs and libraries (the interpreter,
+# its extension modules and /bin/sh link against them; the /lib* links are bound as the directories they
+# lead to), the loader's cache, and the harmless devices.
+_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache", "/etc/localtime",
+                 "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 
 
-def _hidden_dirs() -> list[str]:
-    # Where a user's own files and other people's sockets and temporary files usually are.
-    # /run also holds sockets that connect() reaches whatever the network namespace (the docker socket,
-    # databases, the system bus): a read-only mount does not stop connect(). /dev/pts: the user's terminals.
-    return _outermost(
-        [_WORKDIR, "/var/tmp", "/dev/shm", "/dev/pts", "/run", "/var/run", "/root", "/home", os.path.expanduser("~")]
-    )
-
-
-def _interpreter_dirs() -> list[str]:
-    # What `python -I` needs to start: the venv (pyvenv.cfg, site-packages) and the installation it
-    # points to (binary, libpython, stdlib), e.g. /root/.pyenv/versions/3.11.7 under a hidden /root.
+def _root_paths() -> list[str]:
+    """The host paths the sandbox's root holds, read-only, at their own place: outermost only, none inside
+    another. The interpreter's directories (the venv: pyvenv.cfg, site-packages; the installation it points
+    to: binary, libpython, stdlib) are taken both as named and resolved, since the harness starts the
+    interpreter by the path skipbench runs as."""
     exe = sys.executable
-    return _outermost(
-        [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(exe),
-         os.path.dirname(os.path.realpath(exe))]
-    )
+    named = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(exe),
+             os.path.dirname(os.path.realpath(exe))]
+    candidates = [*_SYSTEM_PATHS, *map(os.path.abspath, named), *map(os.path.realpath, named)]
+    paths = []
+    for path in candidates:
+        if path not in paths and path != "/" and os.path.exists(path) and not _is_under(path, "/proc"):
+            paths.append(path)
+    return [p for p in paths if not any(q != p and _is_under(p, q) for q in paths)]
 
 
 def _run(program: str, call: str, limits: Limits, *, contained: bool) -> Outcome:
@@ -148,8 +142,7 @@ def _run(program: str, call: str, limits: Limits, *, contained: bool) -> Outcome
         "userns": _use_userns(),
         "limits": asdict(limits),
         "executable": sys.executable,
-        "hide": _hidden_dirs(),
-        "keep": _interpreter_dirs(),
+        "root": _root_paths(),
         "workdir": os.path.realpath(_WORKDIR),
         "result_fd": write_end,
     }
