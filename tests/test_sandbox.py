@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from skipbench.tasks.sandbox import cgroup, limits
 from skipbench.tasks.sandbox import runner as sandbox
 
 SUPPORT = sandbox.sandbox_support()
@@ -372,6 +373,74 @@ def test_memory_limit():
     outcome = run("def check():\n    block = bytearray(2 << 30)\n", memory_bytes=512 << 20)
     assert (outcome.passed, outcome.reason) == (False, "memory")
     assert "MemoryError" in outcome.detail
+
+
+@pytest.fixture(params=["native", "no cgroup"])
+def memory_mode(request, monkeypatch):
+    """native: a cgroup where this machine lets us make one. no cgroup: the bounded rlimits everywhere."""
+    if request.param == "no cgroup":
+        monkeypatch.setattr(cgroup, "create", lambda *args, **kwargs: None)
+    return request.param
+
+
+@needs_sandbox
+def test_memory_of_all_processes_together_is_capped(memory_mode):
+    # Six children each touch 100 MiB and hold it while the others try: 600 MiB if each only had its own
+    # 256 MiB limit. With a 300 MiB total, at most two can hold theirs at the same time (the harness
+    # needs some too); the others get MemoryError, cannot fork, or are killed by the cgroup's OOM killer.
+    program = """
+        import os, time
+        read_end, write_end = os.pipe()
+        children = []
+        for _ in range(6):
+            try:
+                pid = os.fork()
+            except OSError:
+                break
+            if pid == 0:
+                try:
+                    block = bytearray(100 << 20)
+                    block[::4096] = b"x" * len(block[::4096])  # touch every page: resident, not just reserved
+                    os.write(write_end, b"+")
+                    time.sleep(1.5)
+                finally:
+                    os._exit(0)
+            children.append(pid)
+        os.close(write_end)
+        for pid in children:
+            os.waitpid(pid, 0)
+        held = len(os.read(read_end, 64))
+        def check():
+            assert held * 100 <= 300, held
+    """
+    outcome = run(program, memory_total_bytes=300 << 20, memory_bytes=256 << 20, processes=16)
+    assert outcome.passed, outcome
+    probe = cgroup.create(1 << 30, 8)  # can this machine give us a cgroup? (never, in "no cgroup")
+    if probe is not None:
+        cgroup.remove(probe)
+    assert outcome.memory_cap == ("rlimit" if probe is None else "cgroup")
+
+
+def test_without_a_cgroup_the_limits_product_stays_under_the_total():
+    for given in [sandbox.Limits(), sandbox.Limits(memory_bytes=512 << 20), sandbox.Limits(processes=8),
+                  sandbox.Limits(memory_total_bytes=300 << 20, memory_bytes=256 << 20, processes=16)]:
+        bounded = limits.rlimits(given, capped=False)
+        assert bounded["processes"] * bounded["memory_bytes"] <= given.memory_total_bytes
+        assert bounded["processes"] <= given.processes and bounded["memory_bytes"] <= given.memory_bytes
+        assert limits.rlimits(given, capped=True)["memory_bytes"] == given.memory_bytes
+    assert limits.rlimits(sandbox.Limits(), capped=False)["processes"] == limits.MIN_PROCESSES
+
+
+def test_cgroup_is_made_with_its_limits_and_refused_without_a_memory_controller(tmp_path):
+    # A stand-in for a cgroup v2 directory: the same files, written the way the kernel's are.
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("cpu\n")
+    made = cgroup.create(300 << 20, 16, parent=str(tmp_path))
+    assert made is not None and Path(made).parent == tmp_path
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids"
+    assert Path(made, "memory.max").read_text() == str(300 << 20) and Path(made, "pids.max").read_text() == "16"
+    (tmp_path / "cgroup.controllers").write_text("cpu pids\n")
+    assert cgroup.create(300 << 20, 16, parent=str(tmp_path)) is None
 
 
 @needs_sandbox

@@ -42,6 +42,8 @@ def main(config: dict) -> NoReturn:
         if config["result_fd"] != RESULT_FD:
             os.dup2(config["result_fd"], RESULT_FD)
             os.close(config["result_fd"])
+        if config["cgroup"]:  # before anything is forked: init, the harness and the program are born there
+            _join(config["cgroup"])
         if contained:
             rootfs.enter_namespaces(config["userns"])
         else:
@@ -92,6 +94,11 @@ def main(config: dict) -> NoReturn:
         report(_describe(status))
         shutil.rmtree(workdir, ignore_errors=True)
     os._exit(0)
+
+
+def _join(path: str) -> None:
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
 
 
 def _kill_descendants() -> None:

@@ -14,10 +14,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 
-from . import verdict
-from .limits import NOBODY, Limits
+from . import cgroup, verdict
+from .limits import NOBODY, Limits, rlimits
 from .verdict import Outcome, SandboxUnavailable, SetupError
 
 OPT_IN = "--execute-code-uncontained"
@@ -132,15 +131,28 @@ def _root_paths() -> list[str]:
 
 
 def _run(program: str, call: str, limits: Limits, *, contained: bool) -> Outcome:
+    # Contained runs get a cgroup that caps the total where one can be made; otherwise (and uncontained)
+    # the per-process limits are lowered until their product is the total.
+    group = cgroup.create(limits.memory_total_bytes, limits.processes) if contained else None
+    memory_cap = "rlimit" if group is None else "cgroup"
+    try:
+        return _start(program, call, limits, contained=contained, group=group, memory_cap=memory_cap)
+    finally:
+        if group is not None:
+            cgroup.remove(group)
+
+
+def _start(program: str, call: str, limits: Limits, *, contained: bool, group: str | None,
+           memory_cap: str) -> Outcome:
     nonce = secrets.token_hex(16)
     payload = json.dumps({"nonce": nonce, "program": program, "call": call}).encode()
-    memory_cap = "rlimit"
     read_end, write_end = os.pipe()
     config = {
         "modules": _SIDE,
         "contained": contained,
         "userns": _use_userns(),
-        "limits": asdict(limits),
+        "limits": rlimits(limits, capped=group is not None),
+        "cgroup": group,
         "executable": sys.executable,
         "root": _root_paths(),
         "workdir": os.path.realpath(_WORKDIR),
