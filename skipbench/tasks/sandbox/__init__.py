@@ -3,8 +3,8 @@
 One call of run_check builds this process tree and tears all of it down before returning::
 
     skipbench                   this process: feeds the program in, reads the verdict out
-      keeper                    python -I -S sandbox.py CONFIG; enforces the wall-clock limit
-        init                    PID 1 of a new PID namespace; builds the filesystem view
+      keeper                    python -I -S -B -c BOOT, configuration on stdin; enforces the wall-clock limit
+        init                    PID 1 of a new PID namespace; builds the new root and switches to it
           harness               python -I -B -c _HARNESS: rlimits, no capabilities, uid 65534 if root
             (the program's own processes)
 
@@ -15,10 +15,19 @@ Containment (Linux):
       never applies to root; a user namespace that maps only root would leave the code as real root
       towards every file). A root that has no uid 65534 (a user namespace mapping only root) is
       treated like any other user.
-    * every mount is read-only; /tmp is a fresh, size-limited tmpfs and the working directory; /var/tmp,
-      /dev/shm, /dev/pts, /run, /root, /home and $HOME are covered by empty tmpfs, except the interpreter's
-      own directories (sys.prefix, sys.base_prefix, ...), which are bound back read-only; /proc is a new
-      proc that shows only the sandbox's processes.
+    * a new root (tmpfs, then pivot_root) that holds only, read-only and at their host paths: the
+      interpreter's directories (sys.prefix, sys.base_prefix, ... as named and resolved), /usr and the
+      /bin, /sbin, /lib* links, /etc/ld.so.cache, /etc/localtime, /dev/{null,zero,full,random,urandom};
+      plus a new proc that shows only the sandbox's processes and a fresh, size-limited tmpfs at /tmp
+      (the working directory, the only writable place). Project trees, home directories, the host's
+      /tmp and /run and every Unix socket outside /usr are not there at all.
+    * the memory of all the sandbox's processes together is capped at Limits.memory_total_bytes: by a
+      cgroup v2 (memory.max, memory.swap.max=0, pids.max=processes) where one can be made below ours
+      (a memory controller, write access, and our cgroup may enable it for children); otherwise by
+      lowering RLIMIT_NPROC, then RLIMIT_AS, until their product is the total (limits.rlimits).
+      Outcome.memory_cap says which ("cgroup" or "rlimit").
+    * the keeper's command line is a fixed bootstrap (runner.BOOT): /proc/1/cmdline inside shows the
+      interpreter's path and that code, no other host path and no configuration.
     * the network namespace has only a loopback interface, and it is down: no traffic at all.
     * the harness runs with no capabilities, no_new_privs (setuid binaries give nothing) and a new
       empty session keyring, under RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE and
@@ -27,11 +36,12 @@ Containment (Linux):
       namespace (setsid and double forks included) and init only counts as exited once they are all
       gone, so nothing the program started outlives run_check.
 
-Known gaps: the program can still read whatever is world-readable outside the covered directories
-(and, when not root, whatever the user's own uid and supplementary groups can read there), and connect
-to Unix sockets in those directories; memory is limited per process, so the program may use up to
-processes x memory_bytes in all (a cgroup would bound the total; none is used); RLIMIT_NPROC cannot bind
-real root, so root inside a user namespace that maps only root gets no process limit.
+Known gaps: it can read what is world-readable in /usr and the interpreter's directories; without a
+cgroup the total is a bound on address space (RLIMIT_AS x RLIMIT_NPROC), which is coarse (a process
+with little resident memory still uses its share), the /tmp tmpfs (4 x file_bytes) is outside it, and
+as root RLIMIT_NPROC counts every uid-65534 process on the machine; RLIMIT_NPROC cannot bind real root,
+so root inside a user namespace that maps only root gets a process limit only from a cgroup's pids.max.
+There is no /dev/shm or /dev/pts (multiprocessing's semaphores need /dev/shm).
 
 Verdict: the harness exec()s the program in a fresh globals dict, runs the call (``check(name)``) and
 only then writes ``<nonce> passed`` to a pipe the program is not told about; the nonce is random per
@@ -51,6 +61,12 @@ Cost: about 0.1-0.2 s per call on top of the program itself, mostly two interpre
 keeper, the harness); the first call also runs a self-test of the same cost (sandbox_support).
 Calls are meant to be made one at a time; concurrent calls work, but as root they share the uid-65534
 process budget (RLIMIT_NPROC counts every process of that uid on the machine).
+
+Modules, in layer order (each imports only those before it): linux (ctypes system calls), limits
+(Limits, rlimits, privileges), rootfs (namespaces, the new root), verdict (Outcome, the harness, reading
+its report), keeper (keeper, init, the harness's start; sandbox side), cgroup, runner (skipbench side).
+The sandbox-side modules (linux, limits, rootfs, verdict, keeper) import only the standard library and
+each other: the keeper loads them under python -I -S, without skipbench.
 """
 
 from skipbench.tasks.sandbox.limits import Limits
