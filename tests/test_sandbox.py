@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from skipbench.tasks import sandbox
+from skipbench.tasks.sandbox import cgroup, limits
+from skipbench.tasks.sandbox import runner as sandbox
 
 SUPPORT = sandbox.sandbox_support()
 needs_sandbox = pytest.mark.skipif(SUPPORT is not None, reason=f"namespace sandbox unavailable here: {SUPPORT}")
@@ -212,6 +213,85 @@ def test_files_only_the_user_can_read_stay_unreadable(secrets_on_disk):
     assert "TOP SECRET" not in outcome.detail
 
 
+@pytest.fixture
+def host_things(tmp_path):
+    """A world-readable sentinel file and a listening Unix socket anyone may connect to, in a world-accessible
+    directory inside the project checkout (not under any directory the old runner covered)."""
+    public = Path(tempfile.mkdtemp(prefix=".skipbench-public-", dir=HERE))
+    public.chmod(0o777)
+    sentinel = public / "sentinel.txt"
+    sentinel.write_text("HOST SENTINEL")
+    sentinel.chmod(0o644)
+    host_tmp = Path(tempfile.mkdtemp(prefix="skipbench-sentinel-"))  # the host's /tmp
+    host_tmp.chmod(0o755)
+    (host_tmp / "sentinel.txt").write_text("HOST SENTINEL")
+    (host_tmp / "sentinel.txt").chmod(0o644)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(public / "s"))
+    (public / "s").chmod(0o777)
+    server.listen()
+    server.setblocking(False)
+    yield {"files": [str(sentinel), str(host_tmp / "sentinel.txt"), str(HERE / "test_sandbox.py")],
+           "dirs": [str(HERE), str(HERE.parent), str(host_tmp)], "socket": str(public / "s"), "server": server}
+    server.close()
+    shutil.rmtree(public)
+    shutil.rmtree(host_tmp)
+
+
+@needs_sandbox
+def test_the_project_tree_host_files_and_host_sockets_are_not_there(host_things, mode):
+    program = f"""
+        import os, socket
+        seen = []
+        for path in {host_things["files"]!r}:
+            try:
+                seen.append(open(path).read()[:20])
+            except OSError:
+                pass
+        for path in {host_things["dirs"]!r}:
+            try:
+                seen.append(os.listdir(path))
+            except OSError:
+                pass
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect({host_things["socket"]!r})
+                seen.append("connected")
+            except OSError:
+                pass
+        def check():
+            assert seen == [], seen
+            assert "sh" in os.listdir("/bin") and os.path.exists("/dev/null")  # what a program may need is there
+    """
+    outcome = run(program)
+    assert outcome.passed, outcome
+    with pytest.raises(BlockingIOError):
+        host_things["server"].accept()  # nobody connected
+
+
+@needs_sandbox
+def test_process_command_lines_show_no_host_path_or_configuration(tmp_path, mode):
+    import skipbench
+
+    # The interpreter's own path is visible inside anyway (sys.executable); these are not.
+    secret = [str(tmp_path), str(HERE), str(Path(skipbench.__file__).parent), '"limits"', "memory_bytes",
+              "result_fd"]
+    program = f"""
+        import os
+        lines = {{}}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() or entry == "self":
+                with open(f"/proc/{{entry}}/cmdline", "rb") as f:
+                    lines[entry] = f.read().decode(errors="replace")
+        def check():
+            assert "1" in lines and lines["1"], lines
+            found = {{pid: word for pid, line in lines.items() for word in {secret!r} if word in line}}
+            assert found == {{}}, found
+    """
+    outcome = run(program)
+    assert outcome.passed, outcome
+
+
 @needs_sandbox
 def test_file_size_limit():
     outcome = run("open('big.bin', 'wb').write(b'x' * (32 << 20))\ndef check():\n    pass\n", file_bytes=1 << 20)
@@ -293,6 +373,74 @@ def test_memory_limit():
     outcome = run("def check():\n    block = bytearray(2 << 30)\n", memory_bytes=512 << 20)
     assert (outcome.passed, outcome.reason) == (False, "memory")
     assert "MemoryError" in outcome.detail
+
+
+@pytest.fixture(params=["native", "no cgroup"])
+def memory_mode(request, monkeypatch):
+    """native: a cgroup where this machine lets us make one. no cgroup: the bounded rlimits everywhere."""
+    if request.param == "no cgroup":
+        monkeypatch.setattr(cgroup, "create", lambda *args, **kwargs: None)
+    return request.param
+
+
+@needs_sandbox
+def test_memory_of_all_processes_together_is_capped(memory_mode):
+    # Six children each touch 100 MiB and hold it while the others try: 600 MiB if each only had its own
+    # 256 MiB limit. With a 300 MiB total, at most two can hold theirs at the same time (the harness
+    # needs some too); the others get MemoryError, cannot fork, or are killed by the cgroup's OOM killer.
+    program = """
+        import os, time
+        read_end, write_end = os.pipe()
+        children = []
+        for _ in range(6):
+            try:
+                pid = os.fork()
+            except OSError:
+                break
+            if pid == 0:
+                try:
+                    block = bytearray(100 << 20)
+                    block[::4096] = b"x" * len(block[::4096])  # touch every page: resident, not just reserved
+                    os.write(write_end, b"+")
+                    time.sleep(1.5)
+                finally:
+                    os._exit(0)
+            children.append(pid)
+        os.close(write_end)
+        for pid in children:
+            os.waitpid(pid, 0)
+        held = len(os.read(read_end, 64))
+        def check():
+            assert held * 100 <= 300, held
+    """
+    outcome = run(program, memory_total_bytes=300 << 20, memory_bytes=256 << 20, processes=16)
+    assert outcome.passed, outcome
+    probe = cgroup.create(1 << 30, 8)  # can this machine give us a cgroup? (never, in "no cgroup")
+    if probe is not None:
+        cgroup.remove(probe)
+    assert outcome.memory_cap == ("rlimit" if probe is None else "cgroup")
+
+
+def test_without_a_cgroup_the_limits_product_stays_under_the_total():
+    for given in [sandbox.Limits(), sandbox.Limits(memory_bytes=512 << 20), sandbox.Limits(processes=8),
+                  sandbox.Limits(memory_total_bytes=300 << 20, memory_bytes=256 << 20, processes=16)]:
+        bounded = limits.rlimits(given, capped=False)
+        assert bounded["processes"] * bounded["memory_bytes"] <= given.memory_total_bytes
+        assert bounded["processes"] <= given.processes and bounded["memory_bytes"] <= given.memory_bytes
+        assert limits.rlimits(given, capped=True)["memory_bytes"] == given.memory_bytes
+    assert limits.rlimits(sandbox.Limits(), capped=False)["processes"] == limits.MIN_PROCESSES
+
+
+def test_cgroup_is_made_with_its_limits_and_refused_without_a_memory_controller(tmp_path):
+    # A stand-in for a cgroup v2 directory: the same files, written the way the kernel's are.
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("cpu\n")
+    made = cgroup.create(300 << 20, 16, parent=str(tmp_path))
+    assert made is not None and Path(made).parent == tmp_path
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids"
+    assert Path(made, "memory.max").read_text() == str(300 << 20) and Path(made, "pids.max").read_text() == "16"
+    (tmp_path / "cgroup.controllers").write_text("cpu pids\n")
+    assert cgroup.create(300 << 20, 16, parent=str(tmp_path)) is None
 
 
 @needs_sandbox
