@@ -1,0 +1,5 @@
+"""`python -m skipbench.cli`: the same as the `skipbench` script."""
+
+from skipbench.cli import main
+
+main()

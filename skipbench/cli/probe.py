@@ -1,0 +1,82 @@
+"""`skipbench datasets`, `skipbench roofline` and `skipbench benchmark`: what this machine offers, its peaks,
+and the engine benchmark on it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from skipbench import spec
+from skipbench.cli.core import app, handled, out
+from skipbench.cli.display import RichProgress
+from skipbench.cli.options import DataDirOpt, RepeatsOpt, ThreadsOpt
+
+
+@app.command()
+def datasets(data_dir: str = DataDirOpt) -> None:
+    """List the tasks, where each comes from, and whether it is available right now."""
+    from skipbench.tasks import available_tasks
+
+    table = Table(title="skipbench datasets")
+    for name in ("task", "source", "available", "where / how"):
+        table.add_column(name)
+    for task in available_tasks(data_dir):
+        table.add_row(escape(task["name"]), escape(task["source"]), "yes" if task["available"] else "no",
+                      escape(task["where"] if task["available"] else task["how"]))
+    out.print(table)
+
+
+@app.command()
+def roofline(device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+             dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16, float16."),
+             threads: int = ThreadsOpt) -> None:
+    """Measure this device's copy bandwidth and matmul rate: the peaks that reports compare against."""
+    import torch
+
+    from skipbench.machine import default_threads
+    from skipbench.measure import measure_roofline
+    from skipbench.models import resolve_device, resolve_dtype
+
+    with handled():
+        torch_device = resolve_device(device)
+        if torch_device.type == "cpu":
+            torch.set_num_threads(threads or default_threads())
+        peaks = measure_roofline(torch_device, resolve_dtype(dtype, torch_device))
+    threads_note = f", {torch.get_num_threads()} thread(s)" if torch_device.type == "cpu" else ""
+    out.print(f"device {torch_device}{threads_note}: copy bandwidth {peaks['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
+              f"{peaks['dtype']} matmul {peaks['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s")
+    out.print(f"use: skipbench report RUN --peak-bandwidth {peaks['bandwidth_bytes_per_s']:.3g} "
+              f"--peak-flops {peaks['matmul_flops_per_s']:.3g}")
+
+
+@app.command()
+def benchmark(
+    model: str = typer.Option("synthetic:llama3-8b?agree=8", "--model", "-m"),
+    draft_model: str = typer.Option("synthetic:llama3-8b?agree=8&layers=8", "--draft-model",
+                                    help="Two-model draft ('' for none)."),
+    exits: str = typer.Option("4,8,16", "--exits"), speculations: str = typer.Option("2,4,8", "--speculations"),
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens"), new_tokens: int = typer.Option(128, "--new-tokens"),
+    prompts: int = typer.Option(3, "--prompts", help="Prompts (each timed in every round)."),
+    repeats: int = RepeatsOpt, hf: bool = typer.Option(True, "--hf/--no-hf"),
+    compiled: bool = typer.Option(True, "--compiled/--no-compiled", help="Also the compiled engine."),
+    dtype: str = typer.Option("auto", "--dtype"), device: str = typer.Option("auto", "--device"),
+    threads: int = ThreadsOpt, out_dir: Path = typer.Option(None, "--out", "-o"),
+) -> None:
+    """The engine benchmark: native and transformers paths on one model vs the measured roofline.
+
+    The default is the set-up of the reference figures in the README (Llama-3-8B shape, layers >= 8
+    zeroed, bf16 on a GPU); on a CPU pick a model that fits, e.g. --model "synthetic:smollm2-135m?agree=8"."""
+    from skipbench.benchmark import benchmark_markdown, run_benchmark
+
+    with handled():
+        target = out_dir or Path("runs") / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}"
+        with RichProgress() as progress:
+            summary = run_benchmark(model, draft_model or None, spec.parse_range(exits),
+                                    spec.parse_range(speculations), target, prompt_tokens=prompt_tokens,
+                                    new_tokens=new_tokens, prompts=prompts, repeats=repeats or 3, dtype=dtype,
+                                    device=device, threads=threads, hf=hf, compiled=compiled, progress=progress)
+        out.print(escape(benchmark_markdown(summary)))

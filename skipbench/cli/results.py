@@ -1,0 +1,81 @@
+"""`skipbench report` and `skipbench compare`: tables and plots from a run, and the regression check of two runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from skipbench import spec
+from skipbench.cli.core import EXIT_REGRESSION, app, console, handled, out
+from skipbench.errors import UserError
+
+
+def parse_fraction(text: str) -> float:
+    """`5%` or `0.05` -> 0.05."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise spec.SpecError(f"cannot read {text!r} as a fraction; use 5% or 0.05") from None
+    if not 0 <= value < 1:
+        raise spec.SpecError(f"{text!r} must be a fraction in [0, 1)")
+    return value
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory (runs/<run>)."),
+    peak_bandwidth: float = typer.Option(None, "--peak-bandwidth", help="Bytes/s (see skipbench roofline)."),
+    peak_flops: float = typer.Option(None, "--peak-flops", help="FLOP/s (see skipbench roofline)."),
+    overlay: list[Path] = typer.Option(None, "--overlay", help="Other runs to overlay with this one (repeatable)."),
+    labels: str = typer.Option(None, "--labels", help="Comma list of labels for this run and the overlays."),
+) -> None:
+    """Tables (Markdown, LaTeX, CSV) and plots (PNG, PDF) from a run's raw records."""
+    from skipbench.plots import overlay as overlay_plot
+    from skipbench.store import RunStore
+    from skipbench.summary import load_summary
+    from skipbench.tables import efficiency_markdown, write_report
+
+    with handled():
+        store = RunStore(run_dir)
+        store.read_manifest()  # one clear line when this is not a run directory
+        store.read_cells()  # damaged cell files are set aside here, each with one warning line
+        for problem in store.problems:
+            console.print(f"[yellow]warning[/]: {escape(problem)}; rerun its sweep to recompute it", soft_wrap=True)
+        if not store.has_cells():
+            raise UserError(f"{run_dir} holds no finished cells yet: run or resume its sweep first")
+        runs = [run_dir, *(overlay or [])]
+        names = labels.split(",") if labels else [path.name for path in runs]
+        if len(names) != len(runs):
+            raise spec.SpecError(f"--labels gives {len(names)} labels for {len(runs)} runs")
+        files = write_report(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops)
+        if overlay:
+            files += overlay_plot([load_summary(path)[0] for path in runs], names, run_dir / "plots" / "overlay")
+        out.print(escape(efficiency_markdown(run_dir)))
+        out.print(escape(f"wrote {len(files)} files under {run_dir}/tables and {run_dir}/plots"), soft_wrap=True)
+
+
+@app.command()
+def compare(
+    base_dir: Path = typer.Argument(..., help="The baseline run (e.g. results/ci-smoke)."),
+    new_dir: Path = typer.Argument(..., help="The run to check."),
+    max_slowdown: str = typer.Option("5%", "--max-slowdown", help="A speedup may fall this much beyond the runs' "
+                                     "intervals (5% or 0.05)."),
+    max_acceptance_drop: float = typer.Option(0.02, "--max-acceptance-drop"),
+    max_quality_drop: float = typer.Option(0.01, "--max-quality-drop"),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="A base cell missing in the new run is a note."),
+) -> None:
+    """Match the cells of two runs and exit 1 when one regressed beyond the tolerances."""
+    from skipbench.compare import compare_runs, format_comparison
+
+    with handled():
+        comparison = compare_runs(base_dir, new_dir, max_slowdown=parse_fraction(max_slowdown),
+                                  max_acceptance_drop=max_acceptance_drop, max_quality_drop=max_quality_drop,
+                                  allow_missing=allow_missing)
+    out.print(format_comparison(comparison))
+    for problem in comparison.problems:
+        out.print(f"[red]regression[/]: {escape(problem)}")
+    if not comparison.ok:
+        raise typer.Exit(EXIT_REGRESSION)
+    out.print("[green]no regression[/]")
