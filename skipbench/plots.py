@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from skipbench import methods
+from skipbench.summary import load_summary
 from skipbench.tables import draft_or_exit, exit_cells
 
 FORMATS = ("png", "pdf")
@@ -204,6 +205,11 @@ def plot_run(summary: pd.DataFrame, manifest: dict, out: Path) -> list[Path]:
                            f"acceptance rate ({backend})")
     written += acceptance_by_position(summary, manifest, out / "acceptance_by_position")
     return written
+
+
+def overlay_runs(run_dirs: Sequence[Path | str], labels: Sequence[str], out_path: Path | str) -> list[Path]:
+    """`overlay` of the runs stored in `run_dirs`."""
+    return overlay([load_summary(run_dir)[0] for run_dir in run_dirs], labels, out_path)
 
 
 def overlay(summaries: Sequence[pd.DataFrame], labels: Sequence[str], out_path: Path | str) -> list[Path]:

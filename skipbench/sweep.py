@@ -49,8 +49,6 @@ def check_plan(setup: Setup, cells: list[Cell]) -> None:
 def refuse_unsupported(cells: list[Cell], target: LoadedModel, drafts: dict[str, LoadedModel]) -> None:
     """A method that cannot drive these models' architecture is refused before anything is timed or written
     (skipbench's engine drives Llama-family models; transformers' early exit needs one as well)."""
-    from skipbench.decoding.layers import EngineError
-
     checked = set()
     for cell in cells:
         draft = drafts.get(cell.draft_model) if cell.draft_model else None
@@ -263,24 +261,29 @@ class Outcome:
 
 
 def run_tasks(setup: Setup, tasks: list[str], cells: list[Cell], target: Path, *, force: bool,
-              measure: Callable[[Setup, list[Cell], Path, bool], RunStore]) -> Outcome:
-    """One run per task (in TARGET/<task> when there are several), then the per-task speedup table."""
+              measure: Callable[[Setup, list[Cell], Path, bool], RunStore],
+              task_table: Callable[[Path, dict[str, Path]], list[Path]]) -> Outcome:
+    """One run per task (in TARGET/<task> when there are several), then the per-task speedup table, which
+    `task_table(parent, {task: run directory})` writes (tables sit above this layer)."""
     if len(tasks) < 2:
         chosen = replace(setup, dataset=tasks[0]) if tasks else setup
         return Outcome([measure(chosen, cells, target, force)])
     stores = [measure(replace(setup, dataset=task), cells, target / task_dir(task), force) for task in tasks]
-    from skipbench.tables import write_task_table
-
-    files = write_task_table(target, {task: store.root for task, store in zip(tasks, stores, strict=True)})
+    files = task_table(target, {task: store.root for task, store in zip(tasks, stores, strict=True)})
     return Outcome(stores, files)
 
 
 def run(sweep: Plan, *, force: bool, measure: Callable[[Setup, list[Cell], Path, bool], RunStore],
-        train: Callable[[dict], None], note: Callable[[str], None]) -> Outcome:
+        train: Callable[[dict], None], note: Callable[[str], None],
+        task_table: Callable[[Path, dict[str, Path]], list[Path]],
+        overlay: Callable[[list[Path], list[str], Path], list[Path]]) -> Outcome:
     """The whole sweep. With [[train]] entries: train each model (unless its checkpoint exists), sweep it,
-    and overlay the runs. `measure` runs one setup (the CLI's adds progress and a report), `train` one model."""
+    and overlay the runs. `measure` runs one setup (the CLI's adds progress and a report), `train` one model,
+    `task_table` writes a multi-task sweep's per-task table, `overlay(run directories, labels, out)` the
+    overlay plots of the trained models' runs (the report layer, above this one, provides both)."""
     if not sweep.train:
-        return run_tasks(sweep.setup, sweep.tasks, sweep.cells, sweep.out, force=force, measure=measure)
+        return run_tasks(sweep.setup, sweep.tasks, sweep.cells, sweep.out, force=force, measure=measure,
+                         task_table=task_table)
     runs: list[Outcome] = []
     for entry in sweep.train:
         checkpoint = Path(entry["out_dir"])
@@ -290,16 +293,12 @@ def run(sweep: Plan, *, force: bool, measure: Callable[[Setup, list[Cell], Path,
             note(f"training {entry['label']} -> {checkpoint}")
             train({key: value for key, value in entry.items() if key != "label"})
         runs.append(run_tasks(replace(sweep.setup, model=str(checkpoint)), sweep.tasks, sweep.cells,
-                              sweep.out / entry["label"], force=force, measure=measure))
-    from skipbench.plots import overlay
-    from skipbench.summary import load_summary
-
+                              sweep.out / entry["label"], force=force, measure=measure, task_table=task_table))
     outcome = Outcome([store for result in runs for store in result.stores])
     labels = [entry["label"] for entry in sweep.train]
     for index, task in enumerate(sweep.tasks or [None]):
         name = "overlay" if len(sweep.tasks) < 2 else f"overlay_{task_dir(task)}"
-        summaries = [load_summary(result.stores[index].root)[0] for result in runs]
-        outcome.files += overlay(summaries, labels, sweep.out / name)
+        outcome.files += overlay([result.stores[index].root for result in runs], labels, sweep.out / name)
     return outcome
 
 

@@ -173,7 +173,7 @@ def test_package_inits_only_reexport() -> None:
     ("from skipbench.launch import plan", {"skipbench.launch.plan"}),
     ("from skipbench.launch import run", {"skipbench.launch"}),
     ("def f():\n    from skipbench.summary import load_summary", {"skipbench.summary"}),
-    ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from skipbench.store import RunStore", {"skipbench.store"}),
+    ("if TYPE_CHECKING:\n    from skipbench.store import RunStore", {"skipbench.store"}),
     ("from . import spec", {"skipbench.spec"}),
     ("import numpy", set()),
 ])

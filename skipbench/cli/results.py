@@ -32,9 +32,8 @@ def report(
     labels: str = typer.Option(None, "--labels", help="Comma list of labels for this run and the overlays."),
 ) -> None:
     """Tables (Markdown, LaTeX, CSV) and plots (PNG, PDF) from a run's raw records."""
-    from skipbench.plots import overlay as overlay_plot
+    from skipbench.plots import overlay_runs
     from skipbench.store import RunStore
-    from skipbench.summary import load_summary
     from skipbench.tables import efficiency_markdown, write_report
 
     with handled():
@@ -51,7 +50,7 @@ def report(
             raise spec.SpecError(f"--labels gives {len(names)} labels for {len(runs)} runs")
         files = write_report(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops)
         if overlay:
-            files += overlay_plot([load_summary(path)[0] for path in runs], names, run_dir / "plots" / "overlay")
+            files += overlay_runs(runs, names, run_dir / "plots" / "overlay")
         out.print(escape(efficiency_markdown(run_dir)))
         out.print(escape(f"wrote {len(files)} files under {run_dir}/tables and {run_dir}/plots"), soft_wrap=True)
 

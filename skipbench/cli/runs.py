@@ -217,6 +217,8 @@ def sweep(
     """Sweep exit layers, draft lengths and draft models; the autoregressive baseline is always included."""
     from skipbench import launch as launching
     from skipbench import sweep as sweeping
+    from skipbench.plots import overlay_runs
+    from skipbench.tables import write_task_table
 
     with handled(force):
         given = setup_options(locals())
@@ -232,7 +234,8 @@ def sweep(
         outcome = sweeping.run(plan, force=force,
                                measure=lambda s, c, t, f: measure_and_print(s, c, t, f, report, launch=launch),
                                train=lambda options: run_train(train_config(**options)),
-                               note=lambda text: console.print(escape(text)))
+                               note=lambda text: console.print(escape(text)), task_table=write_task_table,
+                               overlay=overlay_runs)
         for file in outcome.files:
             out.print(escape(f"wrote {file}"), soft_wrap=True)
         console.print(escape(f"sweep done in {sweeping.elapsed(began)}"))
