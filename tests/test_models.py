@@ -1,12 +1,17 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import transformers
 
 from skipbench.decoding.autoregressive import Autoregressive
 from skipbench.decoding.layers import DecoderStack
 from skipbench.decoding.loop import generate
 from skipbench.decoding.sampling import Sampler
 from skipbench.decoding.self_speculative import SelfSpeculative
-from skipbench.models import PRESETS, ModelError, load_model, num_layers_of, synthetic_config
+from skipbench.models import PRESETS, ModelError, load_model, num_layers_of, smollm2_dir_name, synthetic_config
 
 
 def test_presets_have_the_real_shapes():
@@ -69,15 +74,23 @@ def test_a_hub_model_in_the_local_cache_loads_offline(tmp_path, monkeypatch):
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(snapshot)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    loaded = load_model("someone/tiny-llama", device="cpu")
-    assert loaded.num_layers == 4 and loaded.tokenizer.encode("hello", add_special_tokens=False) == [3]
-    with pytest.raises(ModelError, match="not in the Hugging Face cache"):
-        load_model("someone/other-model", device="cpu")
+    # In a fresh process with the cache named in the environment, as a user runs it: transformers and the Hub
+    # library read their cache location once, when imported (when and from where differs between releases).
+    script = (
+        "from skipbench.models import ModelError, load_model\n"
+        "loaded = load_model('someone/tiny-llama', device='cpu')\n"
+        "print(loaded.num_layers, loaded.tokenizer.encode('hello', add_special_tokens=False))\n"
+        "try:\n"
+        "    load_model('someone/other-model', device='cpu')\n"
+        "except ModelError as error:\n"
+        "    print(error)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "4 [3]"
+    assert "not in the Hugging Face cache" in lines[1]
 
 
 # --------------------------------------------------------------------------- devices and memory
@@ -181,8 +194,8 @@ def test_two_first_conversions_at_once_make_one_checkpoint_and_leave_nothing_beh
     from pathlib import Path
 
     cache = tmp_path / "cache"
-    (cache / "smollm2-135m.partial-killed").mkdir(parents=True)
-    (cache / "smollm2-135m.partial-killed" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (cache / f"{smollm2_dir_name()}.partial-killed").mkdir(parents=True)
+    (cache / f"{smollm2_dir_name()}.partial-killed" / "model.safetensors").write_bytes(b"\0" * 1000)
     script = Path(sys.executable).with_name("skipbench")
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "skipbench.cli"]
     env = {**__import__("os").environ, "SKIPBENCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
@@ -198,7 +211,9 @@ def test_two_first_conversions_at_once_make_one_checkpoint_and_leave_nothing_beh
     announced = [s for s in stderrs if f"converting the GGUF of SmolLM2-135M once into {cache}" in s]
     assert len(announced) == 1 and "(about 1 minute, 540 MB)" in announced[0]
     assert sum("waiting for another skipbench process converting SmolLM2-135M" in s for s in stderrs) <= 1
-    assert sorted(path.name for path in cache.iterdir()) == [".smollm2-135m.lock", "smollm2-135m"]
-    assert {path.name for path in (cache / "smollm2-135m").iterdir()} >= {"config.json", "model.safetensors",
+    name = smollm2_dir_name()
+    assert name == f"smollm2-135m-transformers{transformers.__version__.split('.')[0]}"
+    assert sorted(path.name for path in cache.iterdir()) == [f".{name}.lock", name]
+    assert {path.name for path in (cache / name).iterdir()} >= {"config.json", "model.safetensors",
                                                                         "tokenizer.json"}
     assert not [path for path in cache.rglob("*") if "partial" in path.name or path.name.startswith("tmp")]
