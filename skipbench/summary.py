@@ -194,9 +194,10 @@ def _prompt_table(rows: pd.DataFrame, numerator: str, denominator: str, prompts:
                            first[denominator].reindex(pick).to_numpy(float)[:, None])
 
 
-def paired_ranking(costs: dict, merit: dict) -> dict:
-    """Rank cells by a cost measured on shared units (time per token on (prompt, round) units; drafts per
-    accepted draft on prompts), each cell paired with the leader (the highest `merit`).
+def paired_ranking(units_of: dict, merit: dict, *, cost: bool = True) -> dict:
+    """Rank cells by a ratio measured on shared units, each cell paired with the leader (the highest `merit`):
+    a cost (`cost`, lower is better: time per token on (prompt, round) units) or a rate (acceptance: accepted
+    over drafted, on prompts).
 
     Returns key -> (mark, ratio, low, high): ratio = the cell's merit over the leader's on the units both
     measured, with its paired bootstrap interval (the shared units resampled the same way for both, so the
@@ -204,7 +205,7 @@ def paired_ranking(costs: dict, merit: dict) -> dict:
     slower on the same units), else "tied", as is every cell whose interval reaches 1 or has too few units
     (fewer than MIN_UNITS shared) for one. Where some pair of cells shares too few units, every mark is
     "unranked": no claim is made."""
-    keys = [key for key in costs if merit.get(key) == merit.get(key) and merit.get(key) is not None]
+    keys = [key for key in units_of if merit.get(key) == merit.get(key) and merit.get(key) is not None]
     if len(keys) < 2:  # nothing to rank against
         return {}
     leader = max(keys, key=lambda key: merit[key])
@@ -212,7 +213,9 @@ def paired_ranking(costs: dict, merit: dict) -> dict:
     for key in keys:
         if key == leader:
             continue
-        paired = intervals.Paired.of(costs[key], costs[leader])
+        # Paired.of(a, b) is b's ratio over a's: (leader's cost / cell's) or (cell's rate / leader's).
+        pair = (units_of[key], units_of[leader]) if cost else (units_of[leader], units_of[key])
+        paired = intervals.Paired.of(*pair)
         low = high = float("nan")
         if int(paired.counts.sum()) >= MIN_UNITS:
             low, high = intervals.bounds(paired.samples(intervals.draws(*paired.shape)))
@@ -242,9 +245,10 @@ def rank_grid(summary: pd.DataFrame, groups: dict[str, pd.DataFrame]) -> dict[st
         speed = {key: units(part, "time_s", "new_tokens", prompts, rounds) for key, part in rows.items()}
         merit = {key: summary.loc[i, "speedup"] if summary.loc[i, "speedup"] == summary.loc[i, "speedup"]
                  else summary.loc[i, "tokens_per_s"] for key, i in zip(keys, positions, strict=True)}
-        drafts = {key: _prompt_table(part, "drafted", "accepted", prompts) for key, part in rows.items()}
+        rates = {key: _prompt_table(part, "accepted", "drafted", prompts) for key, part in rows.items()}
         accept = {key: summary.loc[i, "acceptance_rate"] for key, i in zip(keys, positions, strict=True)}
-        for prefix, ranked in (("speed", paired_ranking(speed, merit)), ("acceptance", paired_ranking(drafts, accept))):
+        rankings = (("speed", paired_ranking(speed, merit)), ("acceptance", paired_ranking(rates, accept, cost=False)))
+        for prefix, ranked in rankings:
             mark = "best" if prefix == "speed" else "best_acceptance"
             for key, i in zip(keys, positions, strict=True):
                 if key in ranked:
@@ -347,6 +351,12 @@ def best_lines(summary: pd.DataFrame) -> list[str]:
         grid = summary.loc[positions]
         if grid.empty or (grid["best"] == "").all():
             continue
+        baseline = grid["baseline_label"].dropna().iloc[0] if grid["baseline_label"].notna().any() else "the baseline"
+        if (grid["best"] == "unranked").any():
+            lines.append(f"the {backend} grid ({len(grid)} cells) is not ranked: too few prompts and rounds shared "
+                         f"(fewer than {MIN_UNITS} units) for a paired comparison; add prompts or --repeats; "
+                         f"{beats_verdict(grid, baseline)}")
+            continue
         top = grid[grid["best"] != ""]
         leader = top.loc[top["speedup"].fillna(-np.inf).idxmax()]
         shown = f"{leader['cell_label']} {_speedup_text(leader)}"
@@ -356,13 +366,23 @@ def best_lines(summary: pd.DataFrame) -> list[str]:
         else:
             line = (f"no single best in the {where}: {len(top)} cells are not shown slower than the fastest, "
                     f"{shown}, on the same prompts and rounds")
-        beats = grid[grid["speedup_low"] > 1.0]
-        if beats.empty:
-            line += f"; no cell of it beats {leader.get('baseline_label') or 'the baseline'}"
-        else:
-            line += f"; {len(beats)} of {len(grid)} cells beat {leader.get('baseline_label') or 'the baseline'}"
-        lines.append(line)
+        lines.append(f"{line}; {beats_verdict(grid, baseline)}")
     return lines
+
+
+def beats_verdict(cells: pd.DataFrame, baseline: str) -> str:
+    """How many cells beat the baseline (their speedup interval above 1.00), said plainly, and how many cannot
+    tell for want of an interval (too few units)."""
+    beats = int((cells["speedup_low"] > 1.0).sum())
+    unknown = int((cells["speedup_low"].isna() & cells["speedup"].notna()).sum())
+    verdict = f"{beats} of {len(cells)} cells beat {baseline} (interval above 1.00)" if beats else \
+        f"no cell beats {baseline}"
+    if unknown and not beats:
+        verdict = f"no cell is shown to beat {baseline}"
+    if unknown:
+        verdict += f" ({unknown} without an interval: too few units)"
+    return verdict
+
 
 
 def _speedup_text(row) -> str:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from skipbench.errors import UserError
 from skipbench.store import RunStore
-from skipbench.summary import MIN_UNITS, device_slug, load_summary, run_devices
+from skipbench.summary import MIN_UNITS, beats_verdict, device_slug, load_summary, run_devices
 
 QUALITY_NAMES = {
     "quality_rouge1": "ROUGE-1 F",
@@ -206,11 +206,9 @@ def grid_note(cells: pd.DataFrame, metric: str, marked: set[int], clear: bool) -
         note = (f"bold ~: {len(marked)} cells tied for best (none shown worse than the best on the same {units}: "
                 f"paired bootstrap, 95%)")
     if metric == "speedup" and not cells.empty:
-        beats = int((cells["speedup_low"] > 1.0).sum())
         baseline = cells["baseline_label"].dropna().iloc[0] if "baseline_label" in cells and \
             cells["baseline_label"].notna().any() else "the baseline"
-        verdict = (f"no cell beats {baseline}" if not beats else
-                   f"{beats} of {len(cells)} cells beat {baseline} (interval above 1.00)")
+        verdict = beats_verdict(cells, baseline)
         note = f"{note}; {verdict}" if note else verdict
     return note
 

@@ -161,7 +161,7 @@ def test_no_cell_beating_the_baseline_is_said_plainly():
     cells = summary[summary["strategy"] == "self_speculative"]
     _, _, note = grid_table(cells, "speedup")
     assert note.endswith("no cell beats autoregressive")
-    assert any(line.endswith("no cell of it beats autoregressive") for line in report_lines(summary))
+    assert any(line.endswith("no cell beats autoregressive") for line in report_lines(summary))
 
 
 def test_on_a_45_cell_grid_the_paired_ranking_marks_fewer_than_the_marginal_rule():
@@ -213,3 +213,11 @@ def test_generations_that_got_little_cpu_are_flagged_and_old_rows_without_cpu_ti
     assert old["preempted_rows"].sum() == 0 and old["cpu_share"].isna().all()
     assert machine.preempted_warning([("spec", row) for row in busy if row["cell_key"] == "spec"]).startswith(
         "the machine was busy during the measurement: 2 of 9 generations")
+
+
+def test_a_cell_that_keeps_no_draft_is_ranked_last_on_acceptance():
+    frame = grid_rows({(1, 2): 1.2, (2, 2): 1.1})
+    frame.loc[frame["strategy"].eq("self_speculative") & frame["exit_layer"].eq(2), "accepted"] = 0
+    cells = summarize(frame).set_index("cell_key")
+    assert cells.loc["e2k2", "acceptance_rate"] == 0 and cells.loc["e1k2", "best_acceptance"] == "best"
+    assert cells.loc["e2k2", "acceptance_vs_best"] == 0 and cells.loc["e2k2", "best_acceptance"] == ""
