@@ -4,7 +4,9 @@ A cell's measurements form a table: one row per prompt, one column per repeat (t
 bootstrap resamples prompts with replacement and, inside each drawn prompt, its repeats with
 replacement (a two-stage cluster bootstrap): prompt-to-prompt differences and round-to-round timing
 noise both widen the interval. A speedup pairs every cell measurement with the baseline's measurement
-of the same prompt in the same round, so drift of the machine within a round cancels.
+of the same prompt in the same round, so drift of the machine within a round cancels. `sources` splits a
+speedup interval's width into its two sources: prompts resampled with their rounds kept (the workload), and
+rounds resampled with every prompt kept (timing noise). Below MIN_UNITS units no interval is given.
 """
 
 from __future__ import annotations

@@ -6,10 +6,12 @@ every cell of the group back to back, in an order that rotates from prompt to pr
 So every cell's time on a prompt pairs with the baseline's time on the same prompt in the same round, and
 drift of the machine (another job, thermal throttling) hits all cells alike. Warm-up stays outside.
 
-Each finished generation goes to the run's journal at once; rows become cell files when the session
-ends (or when the next session starts after an interruption). A cell is finished when every prompt has
-`repeats` rows. Greedy decoding must give identical tokens and counts in every repeat: a mismatch stops
-the run with an error, since it means the engine is not deterministic.
+Each row also records the process's CPU time during the generation (`cpu_s`, every thread) and torch's
+thread count (`cpu_threads`), so a generation preempted by other work shows (`machine.preempted`); rows of
+older runs lack both columns and still load. Each finished generation goes to the run's journal at once;
+rows become cell files when the session ends (or when the next session starts after an interruption). A
+cell is finished when every prompt has `repeats` rows. Greedy decoding must give identical tokens and counts
+in every repeat: a mismatch stops the run with an error, since it means the engine is not deterministic.
 """
 
 from __future__ import annotations
