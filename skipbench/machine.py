@@ -1,13 +1,19 @@
 """The state of the machine a measurement runs on, and whether timings taken on it can be trusted.
 
 As pyperf does, a run records the load average, CPU count, threads and (where readable) the frequency
-governor before and after it is measured, and says so when other work competed for the CPU.
+governor before and after it is measured, and says so when other work competed for the CPU. Bursts between
+those two samples are seen generation by generation: each row records the process's CPU time next to its
+wall time, and a CPU generation that got much less CPU than its threads could use was preempted (`preempted`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def default_threads() -> int:
@@ -51,3 +57,56 @@ def busy_warning(snapshot: dict, *, when: str) -> str | None:
                 f"thread(s) for skipbench): timings are noisier and may be biased; rerun on a quiet machine "
                 f"or read the intervals")
     return None
+
+
+# --------------------------------------------------------------------------- preemption, generation by generation
+
+# A generation on the CPU keeps at least one core busy from start to end (the thread that runs the model, and
+# torch's other threads, spin on the work); one that got under this share of the CPU time its threads could
+# use was taken off the CPU by other work, and its wall time is inflated by that wait.
+PREEMPTED = 0.75
+
+
+def cpu_shares(rows) -> pd.Series:
+    """Per row: CPU seconds of the process during the generation over its wall seconds; NaN where the row has
+    no CPU time (runs of older skipbench versions) or was timed on an accelerator (the host waits on it)."""
+    import numpy as np
+    import pandas as pd
+
+    if "cpu_s" not in rows or "device" not in rows:
+        return pd.Series(np.nan, index=rows.index)
+    on_cpu = rows["device"].astype(str).str.startswith("cpu")
+    share = pd.to_numeric(rows["cpu_s"], errors="coerce") / rows["time_s"]
+    return share.where(on_cpu & (rows["time_s"] > 0))
+
+
+def preempted(rows) -> pd.Series:
+    """Rows whose generation got under PREEMPTED of the CPU its threads could use: at least one core, or
+    what the cell's generations typically used (its median share, up to its thread count) when that is more."""
+    share = cpu_shares(rows)
+    typical = share.median()
+    if typical != typical:
+        return share.notna()  # all False
+    threads = rows["cpu_threads"] if "cpu_threads" in rows else 1
+    expected = (share * 0 + max(1.0, typical)).clip(upper=threads).clip(lower=1.0)
+    return share < PREEMPTED * expected
+
+
+def median_cpu_share(rows) -> float:
+    share = cpu_shares(rows)
+    return float(share.median()) if share.notna().any() else float("nan")
+
+
+def preempted_warning(session: list[tuple[str, dict]]) -> str | None:
+    """A warning when generations of this session were preempted ((cell key, row) pairs, as measured)."""
+    import pandas as pd
+
+    if not session:
+        return None
+    frame = pd.DataFrame([row | {"cell_key": key} for key, row in session])
+    flagged = sum(int(preempted(part).sum()) for _, part in frame.groupby("cell_key", sort=False))
+    if not flagged:
+        return None
+    return (f"the machine was busy during the measurement: {flagged} of {len(frame)} generations got under "
+            f"{PREEMPTED:.0%} of the CPU time their thread(s) could use (other work preempted them); their times "
+            f"are inflated: rerun on a quieter machine, or read the intervals (skipbench report lists the cells)")

@@ -6,17 +6,19 @@ every cell of the group back to back, in an order that rotates from prompt to pr
 So every cell's time on a prompt pairs with the baseline's time on the same prompt in the same round, and
 drift of the machine (another job, thermal throttling) hits all cells alike. Warm-up stays outside.
 
-Each finished generation goes to the run's journal at once; rows become cell files when the session
-ends (or when the next session starts after an interruption). A cell is finished when every prompt has
-`repeats` rows. Greedy decoding must give identical tokens and counts in every repeat: a mismatch stops
-the run with an error, since it means the engine is not deterministic.
+Each row also records the process's CPU time during the generation (`cpu_s`, every thread) and torch's
+thread count (`cpu_threads`), so a generation preempted by other work shows (`machine.preempted`); rows of
+older runs lack both columns and still load. Each finished generation goes to the run's journal at once;
+rows become cell files when the session ends (or when the next session starts after an interruption). A
+cell is finished when every prompt has `repeats` rows. Greedy decoding must give identical tokens and counts
+in every repeat: a mismatch stops the run with an error, since it means the engine is not deterministic.
 """
 
 from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -139,6 +141,7 @@ class GroupRows:
     """The rows of each cell of a group: stored ones, then this session's."""
 
     rows: dict[str, list[dict]] = field(default_factory=dict)
+    session: list[tuple[str, dict]] = field(default_factory=list)  # (key, row) of what this session measured
 
     def count(self, key: str, prompt_index: int) -> int:
         return sum(1 for row in self.rows.get(key, ()) if row["prompt_index"] == prompt_index)
@@ -313,7 +316,9 @@ def measure(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], promp
             if key in failed:
                 continue
             _reset_peak(device)
+            cpu_began = time.process_time()
             generation, failure = attempt(key, lambda key=key, prompt=prompt: built[key].generate(prompt))
+            cpu_s = time.process_time() - cpu_began  # every thread of this process (`machine.preempted`)
             if failure is not None:
                 yield failure
                 continue
@@ -321,7 +326,7 @@ def measure(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], promp
             scored = {name: value for name, value in first.items() if name.startswith("quality_")} if first else None
             row = built[key].row(prompt, generation, scored) | where | {
                 "group": group, "round": first_round + session_round, "repeat": rows.count(key, prompt.index),
-                "peak_mem_bytes": _peak(device)}
+                "peak_mem_bytes": _peak(device), "cpu_s": cpu_s, "cpu_threads": torch.get_num_threads()}
             _check_repeat(cells[key], first, row, sampled)
             rows.add(key, row)
             yield Event("row", key, row)
@@ -341,6 +346,7 @@ def record(events: Iterator[Event], store: RunStore, cells: dict[str, Cell], sto
         if event.kind == "row":
             store.append_journal(event.row | {"cell_key": event.key}, group)
             rows.add(event.key, event.row)
+            rows.session.append((event.key, event.row))
             progress.generation_done(cells[event.key], event.row)
         elif event.kind == "done":
             store.write_cell(event.key, cells[event.key], rows.rows[event.key], group)
@@ -361,11 +367,23 @@ def record(events: Iterator[Event], store: RunStore, cells: dict[str, Cell], sto
 
 
 def measure_group(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], prompt_set: PromptSet,
-                  store: RunStore, *, repeats: int, sampled: bool, progress: Progress, group: int = 0) -> GroupRows:
-    """Measure a group in this process, recording into `store`; return every row of its cells."""
+                  store: RunStore, *, repeats: int, sampled: bool, progress: Progress, group: int = 0,
+                  when_measuring: Sequence[str] = ()) -> GroupRows:
+    """Measure a group in this process, recording into `store`; return every row of its cells (`session`: the
+    ones measured now). `when_measuring`: notes that concern only a session that times something (a busy
+    machine), given to `progress` just before the plan, never when nothing is left to measure."""
     stored = consolidate(store, cells, group)
     events = measure(cells, runners, prompt_set, stored, repeats=repeats, sampled=sampled, group=group)
-    return record(events, store, cells, stored, progress, group)
+    return record(noted_before_plan(events, when_measuring, progress.note), store, cells, stored, progress, group)
+
+
+def noted_before_plan(events: Iterator[Event], notes: Sequence[str], note: Callable[[str], None]) -> Iterator[Event]:
+    """The events, with `notes` given just before the "plan" event (which comes only when something is measured)."""
+    for event in events:
+        if event.kind == "plan":
+            for text in notes:
+                note(text)
+        yield event
 
 
 def _first_line(error: Exception) -> str:

@@ -99,7 +99,8 @@ class Loaded:
     manifest: dict  # what the run directory records: setup, cells, models (with calibrations), prompts
     threads: int
     before: dict  # the machine before loading added to its load
-    notes: list[str]  # for the user, once: prompts cut or fewer than asked, a busy machine
+    notes: list[str]  # for the user, once: prompts cut or fewer than asked
+    busy: list[str] = field(default_factory=list)  # a busy machine: for the user once, if anything is measured
 
     def runner(self, setup: Setup) -> Callable[[Cell], CellRunner]:
         return lambda cell: CellRunner(cell, setup, self.target, self.drafts.get(cell.draft_model), self.prompt_set,
@@ -132,8 +133,8 @@ def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
                             machine={"before": before})
     context = BuildContext.for_run(cells, lengths[-1], prompt_set.max_new_tokens, setup.sample)
     busy = machine.busy_warning(before, when="before")
-    notes = [*([f"warning: {busy}"] if busy else []), *prompt_set.notes]
-    return Loaded(target, drafts, prompt_set, context, manifest, threads, before, notes)
+    return Loaded(target, drafts, prompt_set, context, manifest, threads, before, list(prompt_set.notes),
+                  [f"warning: {busy}"] if busy else [])
 
 
 def refuse_other_inputs(previous: dict, manifest: dict) -> None:
@@ -173,8 +174,8 @@ def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool
         manifest = loaded.manifest
         store.write_manifest(manifest)
         keyed = {cell_key(setup, cell): cell for cell in cells}
-        measure_group(keyed, loaded.runner(setup), loaded.prompt_set, store, repeats=setup.repeats,
-                      sampled=setup.sample, progress=progress)
+        measured = measure_group(keyed, loaded.runner(setup), loaded.prompt_set, store, repeats=setup.repeats,
+                                 sampled=setup.sample, progress=progress, when_measuring=loaded.busy)
         after = machine.state(loaded.threads)
         compiled = loaded.context.compile_seconds()
         if compiled:
@@ -182,7 +183,10 @@ def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool
                 f"{name} {seconds:.1f} s" for name, seconds in compiled.items()))
         store.write_manifest({**manifest, "provenance": {**manifest["provenance"], "compile_seconds": compiled,
                                                          "machine": {"before": loaded.before, "after": after}}})
-        if (warning := machine.busy_warning(after, when="after")) is not None:
+        # A session that measured nothing (a resume of a finished run) timed nothing a busy machine could spoil.
+        if measured.session and (warning := machine.busy_warning(after, when="after")) is not None:
+            progress.note(f"warning: {warning}")
+        if measured.session and (warning := machine.preempted_warning(measured.session)) is not None:
             progress.note(f"warning: {warning}")
         for problem in store.problems:
             progress.note(f"note: {problem}")

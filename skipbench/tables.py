@@ -1,9 +1,10 @@
 """Render a run's summary as tables (Markdown, LaTeX, CSV) and write a run's report.
 
-Every speed figure is printed with its 95% interval, `1.44x [1.38, 1.51]`. The best cell of an exit x K
-grid is marked only when its interval clears the runner-up's; otherwise every cell statistically tied
-with it is marked as a tie. Markdown comes from `DataFrame.to_markdown` (tabulate), LaTeX from
-`Styler.to_latex`; CSVs keep plain numbers and the interval bounds in their own columns.
+Every speed figure is printed with its 95% interval, `1.44x [1.38, 1.51]`, or with the number of units
+where they are too few for one, `0.54x [n=2]`. The best cell of an exit x K grid is marked by the paired
+ranking (`summary.rank_grid`): bold when it is faster than every other cell on the same prompts and rounds,
+otherwise every cell not shown slower than it is marked as a tie. Markdown comes from `DataFrame.to_markdown`
+(tabulate), LaTeX from `Styler.to_latex`; CSVs keep plain numbers and the interval bounds in their own columns.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pandas as pd
 
 from skipbench.errors import UserError
 from skipbench.store import RunStore
-from skipbench.summary import device_slug, load_summary, run_devices
+from skipbench.summary import MIN_UNITS, beats_verdict, device_slug, load_summary, run_devices
 
 QUALITY_NAMES = {
     "quality_rouge1": "ROUGE-1 F",
@@ -43,6 +44,14 @@ def with_interval(point, low, high, pattern: str = "{:.2f}x") -> str:
     if missing(low) or missing(high):
         return pattern.format(point)
     return f"{pattern.format(point)} [{pattern.format(low).rstrip('x')}, {pattern.format(high).rstrip('x')}]"
+
+
+def speedup_text(row) -> str:
+    """A summary row's speedup: `1.44x [1.38, 1.51]`, or `0.54x [n=2]` where it has too few paired units for
+    an interval (`summary.MIN_UNITS`)."""
+    if missing(row["speedup"]) or not missing(row["speedup_low"]) or missing(row.get("speedup_units")):
+        return with_interval(row["speedup"], row["speedup_low"], row["speedup_high"])
+    return f"{row['speedup']:.2f}x [n={int(row['speedup_units'])}]"
 
 
 def si(value) -> str:
@@ -102,8 +111,11 @@ def efficiency_table(summary: pd.DataFrame, manifest: dict) -> tuple[pd.DataFram
             "tokens/s": row["tokens_per_s"], "tokens/s low": row["tokens_per_s_low"],
             "tokens/s high": row["tokens_per_s_high"],
             "speedup vs autoregressive": row["speedup"], "speedup low": row["speedup_low"],
-            "speedup high": row["speedup_high"],
-            "acceptance": row["acceptance_rate"], "tokens per step": row["tokens_per_step"],
+            "speedup high": row["speedup_high"], "speedup units": row.get("speedup_units"),
+            "speedup width over prompts": row.get("speedup_width_prompts"),
+            "speedup width over rounds": row.get("speedup_width_rounds"),
+            "acceptance": row["acceptance_rate"], "acceptance low": row.get("acceptance_rate_low"),
+            "acceptance high": row.get("acceptance_rate_high"), "tokens per step": row["tokens_per_step"],
             "lossless (greedy)": row["lossless"], "prefill share": row["prefill_share"],
             **{QUALITY_NAMES.get(c, c.removeprefix("quality_")): row[c] for c in quality},
             "FLOPs per token": row.get("flops_per_token"), "repeats": row["repeats"],
@@ -114,7 +126,7 @@ def efficiency_table(summary: pd.DataFrame, manifest: dict) -> tuple[pd.DataFram
             "time per token (ms)": number(row["time_per_token_s"] * 1e3, "{:.2f}"),
             "tokens/s": with_interval(row["tokens_per_s"], row["tokens_per_s_low"], row["tokens_per_s_high"],
                                       "{:.1f}"),
-            "speedup vs autoregressive": with_interval(row["speedup"], row["speedup_low"], row["speedup_high"]),
+            "speedup vs autoregressive": speedup_text(row),
             "acceptance": number(row["acceptance_rate"]),
             "tokens per step": number(row["tokens_per_step"], "{:.2f}"),
             "lossless (greedy)": number(row["lossless"], "{:.0%}"),
@@ -132,32 +144,27 @@ def exit_cells(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[summary["exit_layer"].notna() & summary["num_speculations"].notna()]
 
 
-def best_cells(table: pd.DataFrame, metric: str) -> tuple[set[int], bool]:
-    """The positions of the best cell by `metric`, and whether it is clear of the rest.
+RANK_COLUMN = {"speedup": "best", "acceptance_rate": "best_acceptance"}
 
-    Clear: its interval's low end lies above the runner-up's high end. Otherwise every cell whose interval
-    reaches the best one's low end is tied with it, and all of them are returned.
-    """
-    values = table[metric].to_numpy(dtype=float)
-    if not np.isfinite(values).any():
+
+def best_cells(table: pd.DataFrame, metric: str) -> tuple[set[int], bool]:
+    """The positions the paired ranking (`summary.rank_grid`) marks by `metric` ("speedup" or
+    "acceptance_rate"), and whether one cell is clear of the rest (shown better than each other cell on the
+    same prompts and rounds). A table without the ranking's column marks nothing."""
+    marks = table.get(RANK_COLUMN[metric])
+    if marks is None:
         return set(), False
-    order = np.argsort(-np.nan_to_num(values, nan=-np.inf))
-    best = int(order[0])
-    low = table[f"{metric}_low"].to_numpy(dtype=float) if f"{metric}_low" in table else values
-    high = table[f"{metric}_high"].to_numpy(dtype=float) if f"{metric}_high" in table else values
-    floor = low[best] if np.isfinite(low[best]) else values[best]
-    tied = {int(i) for i in order[1:] if np.isfinite(values[i]) and (high[i] if np.isfinite(high[i])
-                                                                     else values[i]) >= floor}
-    return {best, *tied}, not tied
+    marked = {position for position, mark in enumerate(marks) if mark in ("best", "tied")}
+    return marked, len(marked) == 1 and "best" in set(marks)
 
 
 def grid_table(cells: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Exit layer (rows) x K (columns) of one backend's cells: (text, numbers, caption note on the best).
 
-    Speedup cells carry their intervals; the best is bold when clear, the tied ones bold with a `~`."""
+    Cells carry their intervals; the best is bold when the paired ranking finds it clear, the tied ones bold
+    with a `~`."""
     cells = cells.reset_index(drop=True)
-    marked, clear = best_cells(cells, metric) if metric == "speedup" else best_cells(
-        cells.assign(**{f"{metric}_low": cells[metric], f"{metric}_high": cells[metric]}), metric)
+    marked, clear = best_cells(cells, metric)
     exits = sorted({int(e) for e in cells["exit_layer"]})
     ks = sorted({int(k) for k in cells["num_speculations"]})
     text = pd.DataFrame({"exit layer": [str(e) for e in exits]})
@@ -172,22 +179,38 @@ def grid_table(cells: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataF
                 continue
             position, row = found.index[0], found.iloc[0]
             if metric == "speedup":
-                value = with_interval(row["speedup"], row["speedup_low"], row["speedup_high"])
+                value = speedup_text(row)
             else:
-                value = number(row[metric])
+                value = with_interval(row[metric], row.get(f"{metric}_low"), row.get(f"{metric}_high"), "{:.3f}")
             if position in marked:
                 value = f"**{value}**" if clear else f"**~{value}**"
             column_text.append(value)
             column_numbers.append(row[metric])
         text[f"K={k}"] = column_text
         numbers[f"K={k}"] = column_numbers
-    if not marked:
+    return text, numbers, grid_note(cells, metric, marked, clear)
+
+
+def grid_note(cells: pd.DataFrame, metric: str, marked: set[int], clear: bool) -> str:
+    """The caption's words on the marked cells, and for speedup, plainly whether any cell beats the baseline."""
+    units = "prompts and rounds" if metric == "speedup" else "prompts"
+    marks = cells.get(RANK_COLUMN[metric])
+    if marks is not None and (marks == "unranked").any():
+        note = (f"not ranked: too few {units} shared (fewer than {MIN_UNITS} units) for a paired comparison; "
+                f"add prompts or --repeats")
+    elif not marked:
         note = ""
     elif clear:
-        note = "bold: the best cell, its interval clear of every other"
+        note = f"bold: the best cell, shown better than every other on the same {units} (paired bootstrap, 95%)"
     else:
-        note = f"bold ~: {len(marked)} cells tied for best (their intervals overlap the best one's)"
-    return text, numbers, note
+        note = (f"bold ~: {len(marked)} cells tied for best (none shown worse than the best on the same {units}: "
+                f"paired bootstrap, 95%)")
+    if metric == "speedup" and not cells.empty:
+        baseline = cells["baseline_label"].dropna().iloc[0] if "baseline_label" in cells and \
+            cells["baseline_label"].notna().any() else "the baseline"
+        verdict = beats_verdict(cells, baseline)
+        note = f"{note}; {verdict}" if note else verdict
+    return note
 
 
 def task_table(summaries: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -198,3 +198,98 @@ def test_resuming_a_narrower_grid_keeps_the_journal_rows_of_the_other_cells(tmp_
     slots = set(zip(base["prompt_index"], base["round"], strict=True))
     paired = {row["time_s"] for row in others if (row["prompt_index"], row["round"]) in slots}
     assert paired and paired <= set(stored["time_s"])
+
+
+# --------------------------------------------------------------------------- a busy machine, generation by generation
+
+
+class Notes(Progress):
+    def __init__(self):
+        self.notes = []
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+SPINNER = """
+import os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+while True:  # bursts: spin 40 ms, rest 10 ms
+    end = time.perf_counter() + 0.04
+    while time.perf_counter() < end:
+        pass
+    time.sleep(0.01)
+"""
+
+
+def preempted_rows(store) -> tuple[int, int]:
+    from skipbench.machine import preempted
+
+    frame = store.read_cells()
+    return sum(int(preempted(part).sum()) for _, part in frame.groupby("cell_key")), len(frame)
+
+
+@pytest.fixture
+def one_core():
+    """This process on one core (the last it may use) for the test; the core's number."""
+    import os
+
+    allowed = os.sched_getaffinity(0)
+    core = max(allowed)
+    os.sched_setaffinity(0, {core})
+    yield core
+    os.sched_setaffinity(0, allowed)
+
+
+def test_generations_preempted_by_a_bursty_load_on_their_core_are_flagged(tmp_path, one_core):
+    import subprocess
+    import sys
+
+    setup = replace(SETUP, max_new_tokens=16)
+    spinner = subprocess.Popen([sys.executable, "-c", SPINNER, str(one_core)])
+    try:
+        progress = Notes()
+        store = execute(setup, CELLS, tmp_path, progress=progress)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    flagged, rows = preempted_rows(store)
+    assert flagged >= rows // 3, (flagged, rows)
+    assert any(note.startswith("warning: the machine was busy during the measurement") for note in progress.notes)
+    frame = store.read_cells()
+    assert frame["cpu_s"].gt(0).all() and (frame["cpu_threads"] == 1).all()
+
+
+def cpu_available(seconds: float = 0.5) -> float:
+    """The share of a core this process gets while it spins: about 1.0 on a quiet core."""
+    import time
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
+        pass
+    return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+
+def test_a_quiet_generation_is_not_flagged(tmp_path, one_core):
+    if (share := cpu_available()) < 0.95:  # other work on this shared machine: no quiet core to test on
+        pytest.skip(f"this core is busy with other work (a spinning loop got {share:.0%} of it)")
+    setup = replace(SETUP, max_new_tokens=16)
+    progress = Notes()
+    store = execute(setup, CELLS, tmp_path, progress=progress)
+    if preempted_rows(store)[0] and (share := cpu_available()) < 0.95:
+        pytest.skip(f"other work came to this core during the test (a spinning loop then got {share:.0%} of it)")
+    assert preempted_rows(store)[0] == 0
+    assert not any(note.startswith("warning: the machine was busy during") for note in progress.notes)
+
+
+def test_a_resume_with_nothing_left_to_measure_says_nothing_of_a_busy_machine(tmp_path, monkeypatch):
+    from skipbench import machine
+
+    monkeypatch.setattr(machine, "busy_warning", lambda snapshot, when: f"busy {when}")
+    first = Notes()
+    execute(SETUP, CELLS, tmp_path, progress=first)
+    assert [note for note in first.notes if note.startswith("warning: busy")] == ["warning: busy before",
+                                                                                 "warning: busy after"]
+    again = Notes()
+    execute(SETUP, CELLS, tmp_path, progress=again)  # every cell finished: nothing is timed
+    assert not any("busy" in note for note in again.notes)

@@ -50,8 +50,12 @@ def test_figures_are_ratios_of_sums_paired_by_round():
     assert summary.loc["spec", "accept_by_position"] == pytest.approx([3 / 4, 0.0])
     assert summary.loc["spec", "prefill_share"] == pytest.approx(0.25)
     assert summary.loc["spec", "repeats"] == 2
-    low, high = summary.loc["spec", ["speedup_low", "speedup_high"]]
-    assert low <= 2.5 <= high and high - low > 0  # round-to-round spread gives a real interval
+    # 2 prompts x 2 rounds: 4 paired units, under MIN_UNITS, so no interval (an interval over 4 units would
+    # claim far more than they show); the warning says what more it needs.
+    assert summary.loc["spec", "speedup_units"] == 4
+    assert np.isnan(summary.loc["spec", "speedup_low"]) and np.isnan(summary.loc["spec", "speedup_high"])
+    assert any(w.startswith("too few units: 4 paired") and "1 more prompt(s) or --repeats 3" in w
+               for w in summary.loc["spec", "warnings"])
 
 
 def test_an_eos_is_the_last_steps_output_so_autoregressive_stays_at_one_token_per_step():
@@ -68,8 +72,10 @@ def test_a_speedup_above_the_tokens_per_step_is_flagged_impossible():
 
 
 def test_a_control_a_little_above_one_token_per_step_within_its_interval_is_noise_not_impossible():
-    ar = hand_rows(AR, "ar", [(0, 0)] * 8, [(1.0, 1.2), (1.1, 0.9)])
-    control = hand_rows(Cell("autoregressive", replica=1), "control", [(0, 0)] * 8, [(1.1, 1.0), (0.95, 1.0)])
+    # 2 prompts x 3 rounds: the 6 paired units an interval needs (MIN_UNITS).
+    ar = hand_rows(AR, "ar", [(0, 0)] * 8, [(1.0, 1.2, 1.05), (1.1, 0.9, 1.0)])
+    control = hand_rows(Cell("autoregressive", replica=1), "control", [(0, 0)] * 8,
+                        [(1.1, 1.0, 1.0), (0.95, 1.0, 1.0)])
     summary = summarize(pd.DataFrame(ar + control)).set_index("cell_key")
     low, speedup, high = summary.loc["control", ["speedup_low", "speedup", "speedup_high"]]
     assert low < 1.0 < speedup < high  # above one token per step, but only by noise

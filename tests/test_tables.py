@@ -13,25 +13,35 @@ from skipbench.sweep import execute
 from skipbench.tables import best_cells, grid_table, to_latex, to_markdown, with_interval, write_report
 
 
-def grid(values, lows, highs):
+def grid(values, lows, highs, marks):
     rows = []
-    for (exit_layer, k), value, low, high in zip([(1, 2), (1, 4), (2, 2), (2, 4)], values, lows, highs, strict=True):
+    for (exit_layer, k), value, low, high, mark in zip([(1, 2), (1, 4), (2, 2), (2, 4)], values, lows, highs, marks,
+                                                       strict=True):
         rows.append({"exit_layer": exit_layer, "num_speculations": k, "speedup": value, "speedup_low": low,
-                     "speedup_high": high, "acceptance_rate": value / 4})
+                     "speedup_high": high, "speedup_units": 12, "acceptance_rate": value / 4, "best": mark,
+                     "best_acceptance": "", "baseline_label": "autoregressive"})
     return pd.DataFrame(rows)
 
 
-def test_the_best_cell_is_marked_only_when_its_interval_clears_the_runner_up():
-    clear = grid([1.1, 1.2, 1.5, 1.3], [1.0, 1.1, 1.45, 1.2], [1.2, 1.3, 1.55, 1.4])
+def test_the_table_marks_what_the_paired_ranking_found_and_says_whether_any_cell_beats_the_baseline():
+    # Marginal intervals overlap here ([1.45, 1.55] vs [1.2, 1.4] clear; [1.3, 1.52] would not): the marks
+    # come from the paired ranking (`summary.rank_grid`), never from comparing marginal intervals.
+    clear = grid([1.1, 1.2, 1.5, 1.45], [1.0, 1.1, 1.4, 1.3], [1.2, 1.3, 1.6, 1.52], ["", "", "best", ""])
     assert best_cells(clear, "speedup") == ({2}, True)
     text, numbers, note = grid_table(clear, "speedup")
-    assert text.loc[1, "K=2"] == "**1.50x [1.45, 1.55]**" and "clear" in note
+    assert text.loc[1, "K=2"] == "**1.50x [1.40, 1.60]**" and "shown better than every other" in note
+    assert "3 of 4 cells beat autoregressive" in note
     assert numbers.loc[1, "K=2"] == 1.5
-    tied = grid([1.1, 1.2, 1.5, 1.45], [1.0, 1.1, 1.4, 1.3], [1.2, 1.3, 1.6, 1.52])
+    tied = grid([0.5, 0.6, 0.9, 0.85], [0.4, 0.5, 0.8, 0.7], [0.6, 0.7, 0.99, 0.95], ["", "", "tied", "tied"])
     assert best_cells(tied, "speedup") == ({2, 3}, False)
     text, _, note = grid_table(tied, "speedup")
-    assert text.loc[1, "K=2"].startswith("**~1.50x") and text.loc[1, "K=4"].startswith("**~1.45x")
-    assert text.loc[0, "K=4"] == "1.20x [1.10, 1.30]" and "2 cells tied" in note
+    assert text.loc[1, "K=2"].startswith("**~0.90x") and text.loc[1, "K=4"].startswith("**~0.85x")
+    assert text.loc[0, "K=4"] == "0.60x [0.50, 0.70]" and "2 cells tied" in note
+    assert note.endswith("no cell beats autoregressive")
+    few = grid([1.1, 1.2, 1.5, 1.45], [np.nan] * 4, [np.nan] * 4, ["unranked"] * 4).assign(speedup_units=2)
+    text, _, note = grid_table(few, "speedup")
+    assert best_cells(few, "speedup") == (set(), False) and note.startswith("not ranked: too few")
+    assert text.loc[1, "K=2"] == "1.50x [n=2]"  # no interval below MIN_UNITS: the count instead
 
 
 def test_intervals_are_printed_with_every_speed():

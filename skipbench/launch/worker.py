@@ -90,6 +90,9 @@ class Worker:
         events = measure(keyed, loaded.runner(setup), loaded.prompt_set, GroupRows(stored), repeats=setup.repeats,
                          sampled=setup.sample, group=group)
         for event in events:
+            if event.kind == "plan":  # something is measured: a busy machine concerns it (once per worker)
+                yield from (Event("note", text=note) for note in loaded.busy)
+                loaded.busy = []
             yield replace(event, row=event.row | extra) if event.kind == "row" else event
 
 
