@@ -17,9 +17,10 @@ from skipbench import intervals
 from skipbench.costs import dtype_bytes
 from skipbench.measure import Progress, measure_roofline
 from skipbench.models import resolve_device, resolve_dtype
+from skipbench.pairing import rounds_of, units
 from skipbench.spec import Cell, Setup
 from skipbench.store import RunStore, write_atomic
-from skipbench.summary import load_summary, rounds_of, units
+from skipbench.summary import load_summary
 from skipbench.sweep import execute
 from skipbench.tables import number, to_markdown, with_interval
 

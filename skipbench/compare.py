@@ -18,9 +18,10 @@ import pandas as pd
 from skipbench import intervals
 from skipbench.decoding.record import COUNTS
 from skipbench.errors import UserError
+from skipbench.pairing import first_difference, first_rows, rounds_of, units
 from skipbench.spec import Cell, baseline_of
 from skipbench.store import RunStore
-from skipbench.summary import complete_cells, devices_of, first_difference, first_rows, rounds_of, summarize, units
+from skipbench.summary import complete_cells, devices_of, summarize
 from skipbench.tables import number, with_interval
 
 

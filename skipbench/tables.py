@@ -2,7 +2,7 @@
 
 Every speed figure is printed with its 95% interval, `1.44x [1.38, 1.51]`, or with the number of units
 where they are too few for one, `0.54x [n=2]`. The best cell of an exit x K grid is marked by the paired
-ranking (`summary.rank_grid`): bold when it is faster than every other cell on the same prompts and rounds,
+ranking (`ranking.rank_grid`): bold when it is faster than every other cell on the same prompts and rounds,
 otherwise every cell not shown slower than it is marked as a tie. Markdown comes from `DataFrame.to_markdown`
 (tabulate), LaTeX from `Styler.to_latex`; CSVs keep plain numbers and the interval bounds in their own columns.
 """
@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skipbench.errors import UserError
+from skipbench.intervals import MIN_UNITS
 from skipbench.store import RunStore
-from skipbench.summary import MIN_UNITS, beats_verdict, device_slug, load_summary, run_devices
+from skipbench.summary import device_slug, load_summary, run_devices
+from skipbench.verdicts import beats_verdict
 
 QUALITY_NAMES = {
     "quality_rouge1": "ROUGE-1 F",
@@ -48,7 +49,7 @@ def with_interval(point, low, high, pattern: str = "{:.2f}x") -> str:
 
 def speedup_text(row) -> str:
     """A summary row's speedup: `1.44x [1.38, 1.51]`, or `0.54x [n=2]` where it has too few paired units for
-    an interval (`summary.MIN_UNITS`)."""
+    an interval (`intervals.MIN_UNITS`)."""
     if missing(row["speedup"]) or not missing(row["speedup_low"]) or missing(row.get("speedup_units")):
         return with_interval(row["speedup"], row["speedup_low"], row["speedup_high"])
     return f"{row['speedup']:.2f}x [n={int(row['speedup_units'])}]"
@@ -148,7 +149,7 @@ RANK_COLUMN = {"speedup": "best", "acceptance_rate": "best_acceptance"}
 
 
 def best_cells(table: pd.DataFrame, metric: str) -> tuple[set[int], bool]:
-    """The positions the paired ranking (`summary.rank_grid`) marks by `metric` ("speedup" or
+    """The positions the paired ranking (`ranking.rank_grid`) marks by `metric` ("speedup" or
     "acceptance_rate"), and whether one cell is clear of the rest (shown better than each other cell on the
     same prompts and rounds). A table without the ranking's column marks nothing."""
     marks = table.get(RANK_COLUMN[metric])
@@ -353,25 +354,14 @@ def _summary_csv(summary: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def write_report(run_dir: Path | str, *, peak_bandwidth: float | None = None, peak_flops: float | None = None,
-                 plots: bool = True, device: str | None = None) -> list[Path]:
-    """Write a run's tables (and plots); return the files written.
+def write_tables(run_dir: Path, summary: pd.DataFrame, manifest: dict, device: str | None = None) -> list[Path]:
+    """Write the tables of a run's summary (of one device's rows, when `device` is given); return the files.
 
     ``RUN/tables/``: ``efficiency.{md,tex,csv}`` (one row per cell), ``grid_speedup_<backend>`` and
     ``grid_acceptance_<backend>`` (exit layer x K), ``summary.csv`` (every per-cell figure). Markdown and
-    LaTeX carry the provenance, failed cells and warnings under them; CSVs stay plain data. A run timed on
-    several devices gets each file once per device, named ``..._<device>`` (plots in ``plots/<device>/``).
-    """
-    run_dir = Path(run_dir)
-    devices = run_devices(run_dir) if device is None else [device]
-    if len(devices) > 1:  # times are never pooled across devices
-        return [path for name in devices for path in write_report(run_dir, peak_bandwidth=peak_bandwidth,
-                                                                  peak_flops=peak_flops, plots=plots, device=name)]
+    LaTeX carry the provenance, failed cells and warnings under them; CSVs stay plain data. A device's files
+    are named ``..._<device>``."""
     tag = device_slug(device) if device else None
-    summary, manifest = load_summary(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops, device=device)
-    if summary.empty:
-        raise UserError(f"{run_dir} holds no finished cell yet (a cell is finished when every prompt is measured): "
-                        f"run or resume its sweep first")
     directory = run_dir / "tables"
     notes = provenance_notes(manifest)
     failed = [f"failed: {e.get('cell_label')}: {e.get('error')}" for e in RunStore(run_dir).errors()]
@@ -385,10 +375,6 @@ def write_report(run_dir: Path | str, *, peak_bandwidth: float | None = None, pe
             caption = f"{name}: exit layer x K ({backend})" + (f"; {note}" if note else "")
             written += write_table(directory, stem, text, numbers, notes, caption)
     written.append(_summary_csv(summary, directory / f"{_suffix('summary', tag)}.csv"))
-    if plots:
-        from skipbench import plots as plotting
-
-        written += plotting.plot_run(summary, manifest, run_dir / "plots" / (tag or ""))
     return written
 
 

@@ -15,10 +15,11 @@ from skipbench.cli import app
 from skipbench.launch import LaunchError, LaunchOptions, local, options_from, partition, plan_groups
 from skipbench.launch.progress import Board
 from skipbench.measure import Progress
+from skipbench.report import write_report
 from skipbench.spec import Cell, Grid, Setup, SpecError, cell_key, load_sweep_file
 from skipbench.store import RunStore
 from skipbench.summary import MixedDevices, device_slug, load_summary, run_devices
-from skipbench.tables import efficiency_markdown, write_report
+from skipbench.tables import efficiency_markdown
 
 SETUP = Setup(model="synthetic:tiny?agree=2", prompts=("one", "two three", "four five six"), max_new_tokens=8,
               warmup=0, repeats=2, threads=1)

@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 
 from skipbench.plots import overlay
+from skipbench.report import write_report
 from skipbench.spec import Cell, Setup, with_baseline
 from skipbench.summary import load_summary
 from skipbench.sweep import execute
-from skipbench.tables import best_cells, grid_table, to_latex, to_markdown, with_interval, write_report
+from skipbench.tables import best_cells, grid_table, to_latex, to_markdown, with_interval
 
 
 def grid(values, lows, highs, marks):
@@ -25,7 +26,7 @@ def grid(values, lows, highs, marks):
 
 def test_the_table_marks_what_the_paired_ranking_found_and_says_whether_any_cell_beats_the_baseline():
     # Marginal intervals overlap here ([1.45, 1.55] vs [1.2, 1.4] clear; [1.3, 1.52] would not): the marks
-    # come from the paired ranking (`summary.rank_grid`), never from comparing marginal intervals.
+    # come from the paired ranking (`ranking.rank_grid`), never from comparing marginal intervals.
     clear = grid([1.1, 1.2, 1.5, 1.45], [1.0, 1.1, 1.4, 1.3], [1.2, 1.3, 1.6, 1.52], ["", "", "best", ""])
     assert best_cells(clear, "speedup") == ({2}, True)
     text, numbers, note = grid_table(clear, "speedup")

@@ -6,9 +6,11 @@ import pytest
 from test_summary import hand_rows
 
 from skipbench import machine
+from skipbench.intervals import MIN_UNITS
 from skipbench.spec import Cell
-from skipbench.summary import MIN_UNITS, report_lines, summarize
+from skipbench.summary import summarize
 from skipbench.tables import best_cells, grid_table, speedup_text
+from skipbench.verdicts import report_lines
 
 AR, SPEC = Cell("autoregressive"), Cell("self_speculative", 1, 2)
 STEPS_AR, STEPS_SPEC = [(0, 0)] * 8, [(2, 1)] * 4  # both 8 tokens a prompt; the cell at 2 tokens per step

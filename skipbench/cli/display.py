@@ -97,8 +97,9 @@ def print_summary(store: RunStore, device: str | None = None) -> None:
     """The run's cells in the order asked for; fits an 80-column terminal. Failed cells and warnings after.
     A run timed on several devices gets a table per device: times are never pooled across devices."""
     from skipbench.spec import Cell
-    from skipbench.summary import NOISY, load_summary, run_devices
-    from skipbench.tables import number, with_interval
+    from skipbench.summary import load_summary, run_devices
+    from skipbench.tables import number, speedup_text
+    from skipbench.verdicts import report_lines
 
     devices = run_devices(store.root) if device is None else []
     if len(devices) > 1:
@@ -120,21 +121,14 @@ def print_summary(store: RunStore, device: str | None = None) -> None:
         cell = Cell.from_record(row)
         label = short_label(cell) + (f" d{drafts.index(cell.draft_model) + 1}" if cell.draft_model else "")
         table.add_row(escape(label), number(row["tokens_per_s"], "{:.1f}"),
-                      with_interval(row["speedup"], row["speedup_low"], row["speedup_high"]),
+                      speedup_text(row),
                       number(row["acceptance_rate"], "{:.2f}"), number(row["tokens_per_step"], "{:.2f}"),
                       number(row["lossless"], "{:.0%}"))
     out.print(table)
     for index, name in enumerate(drafts):
         out.print(escape(f"d{index + 1}: draft model {name}"), soft_wrap=True)
-    noisy = [row for row in summary.to_dict("records") if any(w.startswith("noisy") for w in row["warnings"])]
-    if noisy:
-        out.print(f"[yellow]warning[/]: {len(noisy)} of {len(summary)} cells have speedup intervals wider than "
-                  f"+-{NOISY:.0%} (tables/efficiency.md lists them): add --repeats or prompts, or measure on a "
-                  f"quieter machine")
-    for row in summary.to_dict("records"):
-        for warning in row["warnings"]:
-            if not warning.startswith("noisy"):
-                out.print(f"[yellow]warning[/] {escape(row['cell_label'])}: {escape(warning)}", soft_wrap=True)
+    for line in report_lines(summary):
+        out.print(escape(line), soft_wrap=True)
     for error in store.errors() if device is None else []:
         out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}", soft_wrap=True)
 

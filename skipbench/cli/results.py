@@ -33,8 +33,9 @@ def report(
 ) -> None:
     """Tables (Markdown, LaTeX, CSV) and plots (PNG, PDF) from a run's raw records."""
     from skipbench.plots import overlay_runs
+    from skipbench.report import write_report
     from skipbench.store import RunStore
-    from skipbench.tables import efficiency_markdown, write_report
+    from skipbench.tables import efficiency_markdown
 
     with handled():
         store = RunStore(run_dir)

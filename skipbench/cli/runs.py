@@ -75,8 +75,8 @@ def measure_and_print(setup: spec.Setup, cells: list[spec.Cell], target: Path, f
                       command: str = "sweep", launch: LaunchOptions | None = None) -> RunStore:
     """Measure the cells here or through a launcher, then print the summary (and write the report)."""
     from skipbench.launch import local
+    from skipbench.report import write_report
     from skipbench.sweep import check_plan
-    from skipbench.tables import write_report
 
     if launch is not None and launch.launcher != "local":  # ray or slurm: workers measure, this process records
         from skipbench.launch import run as launch_run
