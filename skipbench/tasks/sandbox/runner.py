@@ -114,14 +114,17 @@ _SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
                  "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 
 
+def interpreter() -> str:
+    """The interpreter the harness runs: the installation's own binary, not a virtual environment's link to it.
+    The harness runs with -I -S (no site-packages), so nothing of a venv is needed inside, and a venv inside
+    the user's project tree (.venv, .nox/...) stays out of the sandbox's root."""
+    return os.path.realpath(sys.executable)
+
+
 def _root_paths() -> list[str]:
     """The host paths the sandbox's root holds, read-only, at their own place: outermost only, none inside
-    another. The interpreter's directories (the venv: pyvenv.cfg, site-packages; the installation it points
-    to: binary, libpython, stdlib) are taken both as named and resolved, since the harness starts the
-    interpreter by the path skipbench runs as."""
-    exe = sys.executable
-    named = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(exe),
-             os.path.dirname(os.path.realpath(exe))]
+    another. Of Python only the installation the interpreter belongs to (binary, libpython, stdlib)."""
+    named = [sys.base_prefix, sys.base_exec_prefix, os.path.dirname(interpreter())]
     candidates = [*_SYSTEM_PATHS, *map(os.path.abspath, named), *map(os.path.realpath, named)]
     paths = []
     for path in candidates:
@@ -153,14 +156,14 @@ def _start(program: str, call: str, limits: Limits, *, contained: bool, group: s
         "userns": _use_userns(),
         "limits": rlimits(limits, capped=group is not None),
         "cgroup": group,
-        "executable": sys.executable,
+        "executable": interpreter(),
         "root": _root_paths(),
         "workdir": os.path.realpath(_WORKDIR),
         "result_fd": write_end,
     }
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-B", "-c", BOOT],
+            [interpreter(), "-I", "-S", "-B", "-c", BOOT],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,  # the keeper's and init's status lines; the harness gets /dev/null
             stderr=subprocess.PIPE,
