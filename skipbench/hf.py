@@ -14,6 +14,7 @@ both backends decode the same workload.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from collections.abc import Callable, Sequence
 
@@ -21,7 +22,7 @@ import torch
 from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from skipbench.decoding.layers import EngineError
+from skipbench.decoding.layers import SUPPORTED_MODEL_TYPES, EngineError
 from skipbench.decoding.loop import synchronize
 from skipbench.decoding.record import Generation, Pass, Step
 from skipbench.decoding.sampling import Sampler
@@ -66,16 +67,12 @@ def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
 def check_early_exit(model: PreTrainedModel) -> None:
     """transformers drafts with `assistant_early_exit` by lowering config.num_hidden_layers for the draft;
     only a decoder whose forward loops over `layers[: config.num_hidden_layers]` stops there."""
-    import inspect
-
     body = getattr(model, model.base_model_prefix, None)
     try:
         source = inspect.getsource(type(body).forward) if body is not None else ""
     except (OSError, TypeError):
         source = ""
     if "[: self.config.num_hidden_layers]" not in source:
-        from skipbench.decoding.layers import SUPPORTED_MODEL_TYPES
-
         architecture = (model.config.architectures or [type(model).__name__])[0]
         instead = ("use --backend native" if model.config.model_type in SUPPORTED_MODEL_TYPES else
                    f"self_speculative needs a {' or '.join(SUPPORTED_MODEL_TYPES)} model (the native engine "

@@ -24,6 +24,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from skipbench.costs import ModelShape, dtype_bytes
 from skipbench.errors import UserError
 
 
@@ -186,8 +187,6 @@ def available_memory(device: torch.device) -> int | None:
 
 def weight_bytes(config, dtype: torch.dtype) -> int:
     """The bytes of a model's weights in `dtype`, from its config alone (tied embeddings counted once)."""
-    from skipbench.costs import ModelShape, dtype_bytes
-
     return ModelShape.from_config(config).params().total * dtype_bytes(dtype)
 
 

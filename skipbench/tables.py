@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from skipbench.intervals import MIN_UNITS
+from skipbench.spec import Cell
 from skipbench.store import RunStore
 from skipbench.summary import device_slug, load_summary, run_devices
 from skipbench.verdicts import beats_verdict
@@ -219,8 +220,6 @@ def task_table(summaries: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.Dat
 
     tau ("mean accepted tokens" in Spec-Bench, the bonus token included) is the tokens per step over all
     tasks' prompts."""
-    from skipbench.spec import Cell
-
     identities: dict[tuple, dict] = {}
     for task, summary in summaries.items():
         for row in summary.to_dict("records"):

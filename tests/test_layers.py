@@ -152,6 +152,27 @@ def test_imports_go_down_the_readme_layers() -> None:
     assert upward == []
 
 
+LAZY_IMPORTERS = ("skipbench.cli", "skipbench.methods")  # --help must not load torch (see the README)
+
+
+def test_only_the_cli_and_the_registry_import_inside_functions() -> None:
+    modules = module_names()
+    found = []
+    for name, path in modules.items():
+        if name.startswith(LAZY_IMPORTERS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                        names = [alias.name for alias in inner.names] if isinstance(inner, ast.Import) else [
+                            inner.module or ""]
+                        if inner.__class__ is ast.ImportFrom and inner.level or any(
+                                n.split(".")[0] == "skipbench" for n in names):
+                            found.append(f"{name}:{inner.lineno}")
+    assert found == []
+
+
 def test_no_module_over_500_lines() -> None:
     long = {name: len(path.read_text().splitlines()) for name, path in module_names().items()}
     assert {name: lines for name, lines in long.items() if lines > MAX_LINES} == {}

@@ -1,13 +1,5 @@
-"""Where a sweep's cells run: in this process (local), on Ray workers, or as Slurm array tasks (submitit).
-
-Every launcher measures GROUPS of cells. A group is measured by one worker on one device in interleaved
-rounds and carries its own autoregressive baseline, so every speedup divides times taken on one device
-in one round. `partition` spreads the grid's cells over the groups deterministically (a rerun with the
-same options forms the same groups); `plan_groups` keeps a cell in the group that already holds rows of
-it, so a rerun with another number of workers still skips finished cells and resumes partial ones.
-
-The launchers themselves schedule nothing: Ray places the actors, Slurm runs the array tasks.
-"""
+"""Where a sweep's cells run: in this process (`local`), on Ray workers (`ray`) or as Slurm array tasks
+(`slurm`, through submitit), each measuring groups of cells (`plan`); `remote.run` starts the remote ones."""
 
 from skipbench.launch.plan import Launched, partition, plan_groups, stored_groups
 from skipbench.launch.remote import run
