@@ -33,6 +33,7 @@ def report(
 ) -> None:
     """Tables (Markdown, LaTeX, CSV) and plots (PNG, PDF) from a run's raw records."""
     from skipbench.plots import overlay as overlay_plot
+    from skipbench.spec_bench_export import write_category_table
     from skipbench.store import RunStore
     from skipbench.summary import load_summary
     from skipbench.tables import efficiency_markdown, write_report
@@ -50,6 +51,7 @@ def report(
         if len(names) != len(runs):
             raise spec.SpecError(f"--labels gives {len(names)} labels for {len(runs)} runs")
         files = write_report(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops)
+        files += write_category_table(run_dir)  # Spec-Bench runs: the speedup per category
         if overlay:
             files += overlay_plot([load_summary(path)[0] for path in runs], names, run_dir / "plots" / "overlay")
         out.print(escape(efficiency_markdown(run_dir)))
