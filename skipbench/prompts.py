@@ -80,13 +80,13 @@ def build_prompts(setup: Setup, tokenizer, max_positions: int | None = None,
     max_new_tokens = setup.max_new_tokens or max_new
     stops = tuple(setup.stop_sequences) if setup.stop_sequences is not None else tuple(stops)
     needed = {earlier for example in examples for earlier in example.extra.get("previous", ())}
+    if needed and answer is None:
+        raise tasks.TaskError(f"{setup.dataset}: later turns continue the model's earlier answers, and no model "
+                              "was given to write them")
     answers: dict[str, str] = {}
     prompts = []
     for index, example in enumerate(examples):
         if "previous" in example.extra:
-            if answer is None:
-                raise tasks.TaskError(f"prompt {example.id!r} continues the model's earlier answers, and no "
-                                      "model was given to write them")
             text = spec_bench.conversation(example.extra["turns"], [answers[p] for p in example.extra["previous"]])
             example = tasks.Example(example.id, text, example.reference, example.extra)
         ids = tasks.limit_prompt_tokens(tokenizer.encode(example.prompt), setup.max_prompt_tokens,
