@@ -52,6 +52,9 @@ def rows_of(summary: pd.DataFrame, device: str | None) -> list[dict]:
     rows = []
     for record in summary.to_dict("records"):
         row = {name: plain(value) for name, value in record.items()}
+        for name in ("exit_layer", "num_speculations", "replica"):  # integers (a column with nulls is float)
+            if isinstance(row.get(name), float):
+                row[name] = int(row[name])
         row["device"] = device
         row["intervals"] = {name: {"point": row.get(name), "low": row.get(f"{name}_low"),
                                    "high": row.get(f"{name}_high"), "level": LEVEL}
