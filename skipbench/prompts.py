@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from skipbench import tasks
 from skipbench.spec import Setup
+from skipbench.tasks import spec_bench
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,17 @@ class PromptSet:
             info |= {"dataset": self.task.name, "source": self.task.source, "revision": self.task.revision,
                      "split": self.task.split, "seed": self.task.seed, "n_shot": self.task.n_shot,
                      "text_hash": self.task.prompt_set_hash()}
+        if any("spec_bench" in prompt.extra for prompt in self.prompts):  # what the Spec-Bench export needs
+            info["spec_bench"] = [prompt.extra.get("spec_bench") for prompt in self.prompts]
         return info
 
 
-def build_prompts(setup: Setup, tokenizer, max_positions: int | None = None) -> PromptSet:
+def build_prompts(setup: Setup, tokenizer, max_positions: int | None = None,
+                  answer: Callable[[list[int], int, tuple[str, ...]], str] | None = None) -> PromptSet:
     """Load the dataset (or take the --prompt texts), apply the template and tokenise.
+
+    A later turn of a multi-turn task (`spec_bench:multi_turn`) continues the model's own answers to the
+    earlier turns: `answer(token_ids, max_new_tokens, stop_sequences)` writes them (greedily, once), here.
 
     A prompt that, with the tokens to generate, would not fit the model's positions is refused: past
     `max_position_embeddings` a model's output means nothing, yet decoding would go on without a sign.
@@ -68,8 +78,17 @@ def build_prompts(setup: Setup, tokenizer, max_positions: int | None = None) -> 
             notes.append(f"note: --num-samples {setup.num_samples} but {setup.dataset} has {len(examples)} "
                          f"examples: decoding all {len(examples)}")
     max_new_tokens = setup.max_new_tokens or max_new
+    stops = tuple(setup.stop_sequences) if setup.stop_sequences is not None else tuple(stops)
+    needed = {earlier for example in examples for earlier in example.extra.get("previous", ())}
+    if needed and answer is None:
+        raise tasks.TaskError(f"{setup.dataset}: later turns continue the model's earlier answers, and no model "
+                              "was given to write them")
+    answers: dict[str, str] = {}
     prompts = []
     for index, example in enumerate(examples):
+        if "previous" in example.extra:
+            text = spec_bench.conversation(example.extra["turns"], [answers[p] for p in example.extra["previous"]])
+            example = tasks.Example(example.id, text, example.reference, example.extra)
         ids = tasks.limit_prompt_tokens(tokenizer.encode(example.prompt), setup.max_prompt_tokens,
                                         setup.prompt_policy)
         if not ids:
@@ -79,10 +98,18 @@ def build_prompts(setup: Setup, tokenizer, max_positions: int | None = None) -> 
                                   f"it passes the model's {max_positions} positions; use --max-prompt-tokens "
                                   f"{max(max_positions - max_new_tokens, 1)} or fewer --max-new-tokens")
         prompts.append(Prompt(index, example.id, example.prompt, ids, example.reference, example.extra))
-    return PromptSet(
-        prompts=prompts,
-        task=task,
-        max_new_tokens=max_new_tokens,
-        stop_sequences=tuple(setup.stop_sequences) if setup.stop_sequences is not None else tuple(stops),
-        notes=notes,
-    )
+        if example.id in needed:
+            answers[example.id] = answer(ids, max_new_tokens, stops)
+    return PromptSet(prompts=prompts, task=task, max_new_tokens=max_new_tokens, stop_sequences=stops, notes=notes)
+
+
+def greedy_answerer(model, tokenizer) -> Callable[[list[int], int, tuple[str, ...]], str]:
+    """The earlier turns' answers of a multi-turn task: transformers' greedy `generate` of the target model,
+    cut at the first stop sequence (greedy speculative decoding writes the same text)."""
+    def answer(ids: list[int], max_new_tokens: int, stops: tuple[str, ...]) -> str:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        return tasks.truncate_completion(tokenizer.decode(out[0, len(ids):].tolist()), stops)
+
+    return answer

@@ -26,7 +26,7 @@ from skipbench.errors import UserError
 from skipbench.measure import CellRunner, Progress, measure_group
 from skipbench.methods import BuildContext, compiled_backend
 from skipbench.models import LoadedModel, check_vocab_match, load_model, num_layers_of, resolve_device
-from skipbench.prompts import PromptSet, build_prompts
+from skipbench.prompts import PromptSet, build_prompts, greedy_answerer
 from skipbench.spec import Cell, Setup, SpecError, cell_key
 from skipbench.store import RunStore, manifest_for
 
@@ -122,7 +122,8 @@ def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
         drafts[name] = loader(name, dtype=setup.dtype, device=setup.device)
         check_vocab_match(target, drafts[name])
     refuse_unsupported(cells, target, drafts)
-    prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions)
+    prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions,
+                               answer=greedy_answerer(target.model, target.tokenizer))
     lengths = sorted(len(prompt.token_ids) for prompt in prompt_set.prompts)
     sizes = calibrate.block_sizes(lengths[-1], max(cell.num_speculations or 0 for cell in cells))
     typical = lengths[len(lengths) // 2] + prompt_set.max_new_tokens // 2  # the context of a typical step

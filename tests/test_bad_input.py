@@ -202,6 +202,17 @@ CASES = [
     Case("compare-max-slowdown-text", ("compare", "{run}", "{run}", "--max-slowdown", "abc"), "cannot read 'abc'"),
     Case("compare-max-slowdown-range", ("compare", "{run}", "{run}", "--max-slowdown", "150%"),
          "must be a fraction in [0, 1)"),
+    Case("compare-junit-missing-folder", ("compare", "{run}", "{run}", "--junit", "{out}/x/report.xml"),
+         "does not exist"),
+    Case("compare-markdown-is-a-folder", ("compare", "{run}", "{run}", "--markdown", "{run}"), "is a folder"),
+    # ------------------------------------------------------------------ export
+    Case("export-missing-run-dir", ("export", "{out}"), "is not a skipbench run directory"),
+    Case("export-unknown-format", ("export", "{run}", "--format", "xml"), "unknown export format 'xml'"),
+    Case("export-out-missing-folder", ("export", "{run}", "--out", "{out}/x/run.json"), "does not exist"),
+    Case("export-out-is-a-folder", ("export", "{run}", "--format", "csv", "--out", "{run}"), "is a folder"),
+    Case("export-spec-bench-without-out", ("export", "{run}", "--format", "spec-bench"), "give --out DIR"),
+    Case("export-spec-bench-out-is-a-file", ("export", "{run}", "--format", "spec-bench", "--out",
+                                             "{run}/manifest.json"), "is a file"),
 ]
 
 

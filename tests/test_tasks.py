@@ -377,7 +377,7 @@ def test_unreachable_hub_fails_fast_without_offline_variables(monkeypatch, tmp_p
 
 def test_available_tasks(tmp_path):
     listed = {t["name"]: t for t in available_tasks(DATA)}
-    assert list(listed) == ["cnn_dm", "humaneval", "topv2", "jsonl"]
+    assert list(listed) == ["cnn_dm", "humaneval", "topv2", "spec_bench", "jsonl"]
     assert all(set(t) == {"name", "source", "available", "where", "how"} for t in listed.values())
     assert listed["cnn_dm"]["available"] and listed["topv2"]["available"] and listed["humaneval"]["available"]
     assert str(DATA / "topv2" / "test.tsv") in listed["topv2"]["where"]

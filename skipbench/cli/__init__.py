@@ -10,6 +10,7 @@ from skipbench.cli import runs  # noqa: F401 - run, sweep
 from skipbench.cli import probe  # noqa: F401 - datasets, roofline, benchmark
 from skipbench.cli import training  # noqa: F401 - train
 from skipbench.cli import results  # noqa: F401 - report, compare
+from skipbench.cli import exports  # noqa: F401 - export, schema
 # isort: on
 
 __all__ = ["app", "main"]

@@ -34,6 +34,7 @@ def report(
     """Tables (Markdown, LaTeX, CSV) and plots (PNG, PDF) from a run's raw records."""
     from skipbench.plots import overlay_runs
     from skipbench.report import write_report
+    from skipbench.spec_bench_export import write_category_table
     from skipbench.store import RunStore
     from skipbench.tables import efficiency_markdown
 
@@ -50,6 +51,7 @@ def report(
         if len(names) != len(runs):
             raise spec.SpecError(f"--labels gives {len(names)} labels for {len(runs)} runs")
         files = write_report(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops)
+        files += write_category_table(run_dir)  # Spec-Bench runs: the speedup per category
         if overlay:
             files += overlay_runs(runs, names, run_dir / "plots" / "overlay")
         out.print(escape(efficiency_markdown(run_dir)))
@@ -65,14 +67,28 @@ def compare(
     max_acceptance_drop: float = typer.Option(0.02, "--max-acceptance-drop"),
     max_quality_drop: float = typer.Option(0.01, "--max-quality-drop"),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="A base cell missing in the new run is a note."),
+    junit: Path = typer.Option(None, "--junit", help="Also write a JUnit XML report (a test case per cell)."),
+    markdown: Path = typer.Option(None, "--markdown", help="Also append a Markdown summary ($GITHUB_STEP_SUMMARY)."),
 ) -> None:
     """Match the cells of two runs and exit 1 when one regressed beyond the tolerances."""
     from skipbench.compare import compare_runs, format_comparison
 
     with handled():
+        for option, path in (("--junit", junit), ("--markdown", markdown)):
+            if path is not None and (path.is_dir() or not path.parent.is_dir()):
+                raise UserError(f"{option} {path}: " + ("is a folder, give a file name" if path.is_dir()
+                                                         else f"the folder {path.parent} does not exist"))
         comparison = compare_runs(base_dir, new_dir, max_slowdown=parse_fraction(max_slowdown),
                                   max_acceptance_drop=max_acceptance_drop, max_quality_drop=max_quality_drop,
                                   allow_missing=allow_missing)
+        if junit is not None or markdown is not None:
+            from skipbench import ci_reports
+
+            if junit is not None:
+                junit.write_text(ci_reports.junit(comparison), encoding="utf-8")
+            if markdown is not None:  # appended: $GITHUB_STEP_SUMMARY collects every step's summary
+                with open(markdown, "a", encoding="utf-8") as handle:
+                    handle.write(ci_reports.markdown(comparison))
     out.print(format_comparison(comparison))
     for problem in comparison.problems:
         out.print(f"[red]regression[/]: {escape(problem)}")

