@@ -142,7 +142,7 @@ class DynamicExit(Static):
     shadow tokens, token-per-layer (TPL) and dynamic draft exiting. Here:
 
     1. Shadow tokens: after each verify pass the engine applies the exit head (final norm + LM head) to the
-       hidden states of every candidate exit l in 1..L/2 at the round's positions, and counts how many of the
+       hidden states of every candidate exit l (see 6) at the round's positions, and counts how many of the
        committed tokens (the kept drafts and the verifier's own token) each would have predicted (greedy
        match). The draft computed the states below E and the verifier those above, so no layer is rerun; the
        head rows are recorded passes (their FLOPs show in the cell's costs).
@@ -157,18 +157,23 @@ class DynamicExit(Static):
     4. Deviation: DEL's dynamic draft exiting (stopping a round's drafting early on low confidence) is not
        part of this policy: K is the planned length; `confidence:T` is that mechanism on its own.
     5. The first round, with no statistics yet, drafts one token from the deepest candidate.
+    6. Deviation: DEL considers every layer; here at most MAX_CANDIDATES exits, evenly spread over 1..L/2, so
+       the shadow rows stay a bounded cost on CPUs and small models, where a head row is expensive.
     Under sampling the estimate is still the greedy match rate (an approximation of acceptance; exactness
     is unaffected: the verifier decides).
     """
 
     wants_shadow = True
     GAMMA = 0.9
+    MAX_CANDIDATES = 8
 
     def __init__(self, num_speculations: int, num_layers: int, head_layers: float):
         super().__init__(num_speculations)
         self.layers = num_layers
         self.head = head_layers
-        self.candidates = tuple(range(1, max(1, num_layers // 2) + 1))
+        top = max(1, num_layers // 2)
+        count = min(top, self.MAX_CANDIDATES)
+        self.candidates = tuple(sorted({round(1 + (top - 1) * i / max(1, count - 1)) for i in range(count)}))
         self.matches = {layer: 0.0 for layer in self.candidates}
         self.trials = {layer: 0.0 for layer in self.candidates}
         self.choice = (self.candidates[-1], 1)
