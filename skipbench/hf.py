@@ -21,7 +21,9 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+from transformers.utils import is_sklearn_available
 
+from skipbench.decoding import policy as policies
 from skipbench.decoding.layers import SUPPORTED_MODEL_TYPES, EngineError
 from skipbench.decoding.loop import synchronize
 from skipbench.decoding.record import Generation, Pass, Step
@@ -79,6 +81,15 @@ def check_early_exit(model: PreTrainedModel) -> None:
                    f"cannot drive {model.config.model_type!r} either); autoregressive and speculative run on it")
         raise EngineError(f"{architecture} does not stop at config.num_hidden_layers, so transformers' "
                           f"assistant_early_exit cannot draft with it: {instead}")
+
+
+def check_fixed_threshold(draft_policy: str) -> None:
+    """transformers adapts a draft model's confidence threshold itself when scikit-learn is importable (an ROC
+    fit after each round); the cell names a fixed one, so refuse rather than measure another policy."""
+    if policies.parse(draft_policy)[0].name == "confidence" and is_sklearn_available():
+        raise EngineError("scikit-learn is installed, so transformers re-tunes assistant_confidence_threshold after "
+                          "every round of a draft model: confidence:T would not stay T; uninstall scikit-learn "
+                          "or use --backend native")
 
 
 class _PassWatcher:
@@ -154,8 +165,14 @@ def _steps(passes: list[Pass], prompt_tokens: int, total_tokens: int) -> list[tu
 
 def _configure(target: PreTrainedModel, assistant: PreTrainedModel | None, *, max_new_tokens: int,
                sampler: Sampler, eos_ids: Sequence[int], exit_layer: int | None, num_speculations: int,
-               static_cache: bool):
-    """generate()'s configuration; transformers reads K from the assistant's own generation_config."""
+               static_cache: bool, draft_policy: str = policies.STATIC):
+    """generate()'s configuration; transformers reads K from the assistant's own generation_config.
+
+    Draft policies map to transformers' own options: `confidence:T` -> assistant_confidence_threshold=T,
+    `heuristic` -> num_assistant_tokens_schedule="heuristic" (K its start). With scikit-learn installed,
+    transformers re-tunes the confidence threshold from an ROC curve after every round, but only for a separate
+    draft model (type(generator) is AssistedCandidateGenerator), not for assistant_early_exit; skipbench refuses
+    that case (`check_fixed_threshold`) rather than measure a threshold other than the cell's."""
     config = copy.deepcopy(target.generation_config)
     if static_cache:
         config.cache_implementation = "static"
@@ -166,12 +183,13 @@ def _configure(target: PreTrainedModel, assistant: PreTrainedModel | None, *, ma
     config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else (list(eos_ids) or [0])[0]
     assistant_config = None
     if assistant is not None:
-        # A constant schedule keeps K fixed as the sweep asked; no confidence threshold cuts drafts short.
+        # Static: a constant schedule keeps K fixed as the sweep asked; no confidence threshold cuts drafts short.
+        kind, value = policies.parse(draft_policy)
         assistant_config = copy.deepcopy(assistant.generation_config)
         for options in (config, assistant_config):
             options.num_assistant_tokens = num_speculations
-            options.num_assistant_tokens_schedule = "constant"
-            options.assistant_confidence_threshold = 0.0
+            options.num_assistant_tokens_schedule = "heuristic" if kind.name == "heuristic" else "constant"
+            options.assistant_confidence_threshold = value if kind.name == "confidence" else 0.0
     if exit_layer is not None:
         config.assistant_early_exit = exit_layer
     return config, assistant_config
@@ -180,7 +198,8 @@ def _configure(target: PreTrainedModel, assistant: PreTrainedModel | None, *, ma
 def generate_hf(target: PreTrainedModel, prompt: list[int], *, max_new_tokens: int, sampler: Sampler,
                 eos_ids: Sequence[int], device: torch.device, exit_layer: int | None = None,
                 draft: PreTrainedModel | None = None, num_speculations: int = 0, seed: int = 0,
-                static_cache: bool = False, stop: Callable[[list[int]], bool] | None = None) -> Generation:
+                static_cache: bool = False, stop: Callable[[list[int]], bool] | None = None,
+                draft_policy: str = policies.STATIC) -> Generation:
     """Run `generate()` autoregressively, with `assistant_early_exit=exit_layer`, or with a draft model.
 
     `static_cache` asks for transformers' fastest autoregressive path: a static cache, which transformers
@@ -190,7 +209,10 @@ def generate_hf(target: PreTrainedModel, prompt: list[int], *, max_new_tokens: i
     assistant = target if exit_layer is not None else draft
     config, assistant_config = _configure(target, assistant, max_new_tokens=max_new_tokens, sampler=sampler,
                                           eos_ids=eos_ids, exit_layer=exit_layer,
-                                          num_speculations=num_speculations, static_cache=static_cache)
+                                          num_speculations=num_speculations, static_cache=static_cache,
+                                          draft_policy=draft_policy)
+    if draft is not None:
+        check_fixed_threshold(draft_policy)
     watcher = _PassWatcher()
     if not static_cache:
         watcher.watch(target, "target")

@@ -108,6 +108,7 @@ class CellRunner:
             "step_context": [step.context for step in generation.steps],
             "step_drafted": [step.drafted for step in generation.steps],
             "step_accepted": [step.accepted for step in generation.steps],
+            "step_exit": [-1 if step.exit_layer is None else step.exit_layer for step in generation.steps],
             **{f"pass_{name}": [getattr(entry, name) for entry in generation.passes] for name in PASS_FIELDS},
             "stop_reason": generation.stop_reason,
             "tokens": generation.tokens,

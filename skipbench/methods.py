@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from skipbench.decoding import policy as policies
 from skipbench.errors import SpecError
 
 if TYPE_CHECKING:  # torch and the engines load when a decoder is built, not when the CLI parses its options
@@ -33,6 +34,7 @@ class Cell(Protocol):
     exit_layer: int | None
     num_speculations: int | None
     draft_model: str | None
+    draft_policy: str
 
 
 class Decoder(Protocol):
@@ -92,6 +94,8 @@ class Method:
     check_models: Callable[[Cell, LoadedModel, LoadedModel | None], None] = lambda cell, target, draft: None
     # Its passes run the model's layers eagerly, as `calibrate` times them: the time model predicts it.
     eager_layers: bool = True
+    # Which draft policies (decoding.policy) it runs: "all", "transformers" (generate()'s own options) or "static".
+    policy_support: str = "all"
 
     @property
     def speculates(self) -> bool:
@@ -104,6 +108,8 @@ class Method:
     def check(self, cell: Cell, num_layers: int | None = None) -> None:
         """Refuse knobs the method does not take or lacks; with the layer count also an exit outside it."""
         if not self.speculates:
+            if getattr(cell, "draft_policy", policies.STATIC) != policies.STATIC:
+                raise SpecError(f"{self.strategy} decoding drafts nothing: it takes no draft policy")
             if cell.exit_layer is not None or cell.draft_model is not None or cell.num_speculations is not None:
                 raise SpecError(f"{self.strategy} decoding takes no exit layer, draft model or speculations")
             return
@@ -114,6 +120,12 @@ class Method:
                 raise SpecError(f"strategy {self.strategy} needs a draft model: --draft-model NAME")
             if cell.exit_layer is not None:
                 raise SpecError(f"strategy {self.strategy} takes no --exit-layer (that is self_speculative)")
+        draft_policy = getattr(cell, "draft_policy", policies.STATIC)
+        policies.check(draft_policy, self.strategy, self.drafter, self.backend, self.policy_support)
+        if self.drafter == "exit" and policies.varies_exit(draft_policy):
+            if cell.exit_layer is not None:
+                raise SpecError(f"draft policy {draft_policy} chooses the exit layer itself: give no --exit-layer")
+            return
         if self.drafter == "exit":
             if cell.exit_layer is None:
                 raise SpecError(f"strategy {self.strategy} needs --exit-layer E")
@@ -175,13 +187,17 @@ class NativeDecoder:
     num_speculations: int
     device: torch.device
     sample: bool = False
+    draft_policy: str = policies.STATIC
+    num_layers: int = 0
+    head_layers: float = 0.0  # LM head parameters over one decoder layer's (the dynamic-exit policy's cost model)
 
     def generate(self, prompt, *, max_new_tokens, sampler, eos_ids, stop, seed) -> Generation:
         from skipbench.decoding.loop import generate
 
+        policy = policies.build(self.draft_policy, self.num_speculations, self.num_layers, self.head_layers)
         return generate(self.strategy, prompt, max_new_tokens=max_new_tokens,
                         num_speculations=self.num_speculations, sampler=sampler, eos_ids=eos_ids,
-                        device=self.device, stop=stop)
+                        device=self.device, stop=stop, policy=policy)
 
     def warm(self) -> None:
         from skipbench.decoding.layers import EngineError
@@ -213,13 +229,17 @@ def _native(kind: str, compiled: bool = False) -> Callable[[Cell, LoadedModel, L
         from skipbench.decoding.speculative import TwoModel
 
         stack = context.stack(target, compiled)
+        draft_policy = getattr(cell, "draft_policy", policies.STATIC)
         if kind == "exit":
-            strategy = SelfSpeculative(stack, cell.exit_layer)
+            # A policy that chooses the exit starts from the deepest candidate; it sets the exit every round.
+            strategy = SelfSpeculative(stack, cell.exit_layer or max(1, stack.num_layers // 2))
         elif kind == "draft_model":
             strategy = TwoModel(stack, context.stack(draft, compiled))
         else:
             strategy = Autoregressive(stack)
-        return NativeDecoder(strategy, cell.num_speculations or 0, target.model.device, context.sample)
+        layer = sum(weight.numel() for weight in stack.layers[0].parameters())
+        return NativeDecoder(strategy, cell.num_speculations or 0, target.model.device, context.sample, draft_policy,
+                             stack.num_layers, stack.lm_head.weight.numel() / layer)
 
     return build
 
@@ -234,6 +254,7 @@ class HfDecoder:
     exit_layer: int | None
     num_speculations: int
     static_cache: bool
+    draft_policy: str = policies.STATIC
 
     def generate(self, prompt, *, max_new_tokens, sampler, eos_ids, stop, seed) -> Generation:
         from skipbench.hf import generate_hf
@@ -241,7 +262,7 @@ class HfDecoder:
         return generate_hf(self.target, prompt, max_new_tokens=max_new_tokens, sampler=sampler, eos_ids=eos_ids,
                            device=self.target.device, exit_layer=self.exit_layer, draft=self.draft,
                            num_speculations=self.num_speculations, seed=seed, static_cache=self.static_cache,
-                           stop=stop)
+                           stop=stop, draft_policy=self.draft_policy)
 
     def warm(self) -> None:
         pass  # transformers compiles its static cache path itself, in the cell's uncounted warm-up
@@ -260,7 +281,7 @@ def _early_exit_works(cell: Cell, target: LoadedModel, draft: LoadedModel | None
 def _hf(static_cache: bool = False) -> Callable[[Cell, LoadedModel, LoadedModel | None, BuildContext], Decoder]:
     def build(cell: Cell, target: LoadedModel, draft: LoadedModel | None, context: BuildContext) -> Decoder:
         return HfDecoder(target.model, draft.model if draft else None, cell.exit_layer, cell.num_speculations or 0,
-                         static_cache)
+                         static_cache, getattr(cell, "draft_policy", policies.STATIC))
 
     return build
 
@@ -275,17 +296,18 @@ register(Method("self_speculative", "native", "self", "layers < E draft K tokens
 # The same engine with static shapes and torch.compile (CUDA graphs on a GPU); `--compile` selects it.
 register(Method("autoregressive", "compiled", "AR", "skipbench's engine, static shapes, torch.compile",
                 drafter=None, draft_cache=None, build=_native("none", compiled=True), check_models=_engine_drives,
-                eager_layers=False))
+                eager_layers=False, policy_support="static"))
 register(Method("speculative", "compiled", "2-model", "the two-model engine, static shapes, torch.compile",
                 drafter="draft_model", draft_cache="draft_model", build=_native("draft_model", compiled=True),
-                check_models=_engine_drives, eager_layers=False))
+                check_models=_engine_drives, eager_layers=False, policy_support="static"))
 register(Method("self_speculative", "compiled", "self", "the self-speculative engine, static shapes, torch.compile",
                 drafter="exit", draft_cache=None, build=_native("exit", compiled=True), check_models=_engine_drives,
-                eager_layers=False))
+                eager_layers=False, policy_support="static"))
 register(Method("autoregressive", "hf", "AR", "transformers generate()", drafter=None, draft_cache=None, build=_hf()))
 register(Method("speculative", "hf", "2-model", "transformers generate(assistant_model=D)",
-                drafter="draft_model", draft_cache="draft_model", build=_hf()))
+                drafter="draft_model", draft_cache="draft_model", build=_hf(), policy_support="transformers"))
 register(Method("self_speculative", "hf", "self", "transformers generate(assistant_early_exit=E): shares weights only",
-                drafter="exit", draft_cache="exit_layers", build=_hf(), check_models=_early_exit_works))
+                drafter="exit", draft_cache="exit_layers", build=_hf(), check_models=_early_exit_works,
+                policy_support="transformers"))
 register(Method("autoregressive", "hf_static", "AR", "transformers generate() with a static cache (compiled on CUDA)",
                 drafter=None, draft_cache=None, build=_hf(static_cache=True), eager_layers=False))

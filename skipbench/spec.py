@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from skipbench import methods
+from skipbench.decoding import policy as policies
 from skipbench.errors import SpecError
 from skipbench.launch_options import options_from
 
@@ -28,6 +29,7 @@ class Cell:
     draft_model: str | None = None
     backend: str = "native"
     replica: int = 0  # > 0: an independent copy of the same cell, e.g. an autoregressive A/A control
+    draft_policy: str = "static"  # decoding.policy: static (E and K fixed), confidence:T, heuristic, dynamic-exit
 
     def label(self) -> str:
         parts = [self.strategy if self.backend == "native" else f"{self.strategy} ({self.backend})"]
@@ -37,6 +39,8 @@ class Cell:
             parts.append(f"draft={self.draft_model}")
         if self.num_speculations is not None:
             parts.append(f"K={self.num_speculations}")
+        if self.draft_policy != "static":
+            parts.append(self.draft_policy)
         if self.replica:
             parts.append(f"(replica {self.replica})")
         return " ".join(parts)
@@ -51,7 +55,8 @@ class Cell:
 
     def identity(self) -> tuple:
         """What the cell is, whatever run it belongs to: how cells are matched across runs and tables."""
-        return (self.strategy, self.exit_layer, self.num_speculations, self.draft_model, self.backend, self.replica)
+        fixed = (self.strategy, self.exit_layer, self.num_speculations, self.draft_model, self.backend, self.replica)
+        return fixed if self.draft_policy == "static" else (*fixed, self.draft_policy)  # static: keys of older runs
 
     @classmethod
     def from_record(cls, record) -> Cell:
@@ -66,8 +71,13 @@ class Cell:
             replica = whole(get("replica")) or 0
         except (KeyError, AttributeError):
             replica = 0
+        try:
+            policy = get("draft_policy")
+        except (KeyError, AttributeError):  # rows and manifests of runs before draft policies
+            policy = None
         return cls(str(get("strategy")), whole(get("exit_layer")), whole(get("num_speculations")),
-                   None if draft is None or draft != draft else str(draft), str(get("backend") or "native"), replica)
+                   None if draft is None or draft != draft else str(draft), str(get("backend") or "native"), replica,
+                   "static" if policy is None or policy != policy else str(policy))
 
 
 @dataclass(frozen=True)
@@ -139,11 +149,18 @@ class Setup:
 MEASUREMENT_ONLY = ("warmup", "repeats")
 
 
+def described(cell: Cell, replica: bool = True) -> dict:
+    """The cell's fields for hashing; the static draft policy is left out, so keys and run directories of runs
+    from before draft policies stay valid (and, where `replica` is False, a replica of 0 likewise)."""
+    return {k: v for k, v in asdict(cell).items()
+            if (k != "draft_policy" or v != "static") and (replica or k != "replica" or v)}
+
+
 def cell_key(setup: Setup, cell: Cell) -> str:
     """Stable id of a finished cell: a hash of everything that defines its numbers."""
     measured = {k: v for k, v in asdict(setup).items() if k not in MEASUREMENT_ONLY}
-    described = {k: v for k, v in asdict(cell).items() if k != "replica" or v}  # keys of runs before replicas
-    text = json.dumps({"setup": measured, "cell": described}, sort_keys=True, default=list)
+    described_cell = described(cell, replica=False)  # keys of runs before replicas stay valid too
+    text = json.dumps({"setup": measured, "cell": described_cell}, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -214,22 +231,28 @@ class Grid:
     draft_models: tuple[str, ...] = ()
     backends: tuple[str, ...] = ("native",)
     control: bool = False  # add an autoregressive A/A control per backend
+    draft_policies: tuple[str, ...] = ("static",)  # a policy that chooses the exit crosses K only
 
     def expand(self) -> list[Cell]:
         """Every (strategy, exit, K, draft, backend) asked for, after the autoregressive baseline(s)."""
         cells = []
         for backend in self.backends:
             for strategy in self.strategies:
-                drafter = methods.method_for(strategy, backend).drafter
-                if drafter == "exit":
-                    if not self.exits:
-                        raise SpecError(f"a {strategy} sweep needs --exits (e.g. 2..16)")
-                    cells += [Cell(strategy, e, k, None, backend) for e in self.exits for k in self.speculations]
-                elif drafter == "draft_model":
-                    if not self.draft_models:
-                        raise SpecError(f"a {strategy} sweep needs at least one --draft-model")
-                    cells += [Cell(strategy, None, k, d, backend) for d in self.draft_models
-                              for k in self.speculations]
+                method = methods.method_for(strategy, backend)
+                for name in self.draft_policies:
+                    policies.check(name, strategy, method.drafter, backend, method.policy_support)
+                    if method.drafter == "exit" and policies.varies_exit(name):
+                        cells += [Cell(strategy, None, k, None, backend, 0, name) for k in self.speculations]
+                    elif method.drafter == "exit":
+                        if not self.exits:
+                            raise SpecError(f"a {strategy} sweep needs --exits (e.g. 2..16)")
+                        cells += [Cell(strategy, e, k, None, backend, 0, name) for e in self.exits
+                                  for k in self.speculations]
+                    elif method.drafter == "draft_model":
+                        if not self.draft_models:
+                            raise SpecError(f"a {strategy} sweep needs at least one --draft-model")
+                        cells += [Cell(strategy, None, k, d, backend, 0, name) for d in self.draft_models
+                                  for k in self.speculations]
         return with_baseline(cells, self.backends, self.control)
 
 
@@ -251,7 +274,7 @@ def _as_ints(value, name: str) -> tuple[int, ...]:
 
 def grid_from(values: dict) -> Grid:
     """A Grid from a sweep file's [sweep] table or the CLI (strings like "2..16" or lists)."""
-    known = {"strategies", "exits", "speculations", "draft_models", "backends", "control"}
+    known = {"strategies", "exits", "speculations", "draft_models", "backends", "control", "draft_policies"}
     unknown = set(values) - known
     if unknown:
         raise SpecError(f"unknown sweep key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -269,6 +292,10 @@ def grid_from(values: dict) -> Grid:
             changes["strategies"] = ("self_speculative", "speculative") if "exits" in values else ("speculative",)
     if "backends" in values:
         changes["backends"] = tuple(_as_list(values["backends"], "backends"))
+    if "draft_policies" in values:
+        changes["draft_policies"] = tuple(_as_list(values["draft_policies"], "draft_policies"))
+        for name in changes["draft_policies"]:
+            policies.parse(name)
     if "control" in values:
         if not isinstance(values["control"], bool):
             raise SpecError(f"control must be true or false (got {values['control']!r})")

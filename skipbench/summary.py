@@ -83,7 +83,9 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     records = []
     for key, rows in groups.items():
         cell = cells[key]
-        record = {"cell_key": key, "cell_label": cell.label(), **dict(zip(IDENTITY, cell.identity(), strict=True))}
+        record = {"cell_key": key, "cell_label": cell.label(), **dict(zip(IDENTITY, cell.identity()[:len(IDENTITY)],
+                                                                          strict=True))}
+        record["draft_policy"] = cell.draft_policy
         record |= _cell_stats(rows)
         base = baseline_of(cell, list(cells.values()))
         base_key = next((k for k, c in cells.items() if c == base), None)

@@ -112,7 +112,7 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch)
     store = execute(SETUP, CELLS, tmp_path, progress=progress)
     assert [c for c, status in progress.statuses if status == "done"] == [CELLS[0], CELLS[1]]
     assert store.errors() == [{"strategy": "self_speculative", "exit_layer": 2, "num_speculations": 2,
-                               "draft_model": None, "backend": "native", "replica": 0,
+                               "draft_model": None, "backend": "native", "replica": 0, "draft_policy": "static",
                                "cell_key": cell_key(SETUP, broken), "cell_label": broken.label(),
                                "error": "RuntimeError: CUDA out of memory (simulated)"}]
     monkeypatch.setattr(measure_module.CellRunner, "generate", real)

@@ -1,8 +1,10 @@
 """Speculative sampling must leave the target's distribution unchanged."""
 
+import pytest
 import torch
 from conftest import make_model
 
+from skipbench.decoding import policy as policies
 from skipbench.decoding.layers import DecoderStack
 from skipbench.decoding.loop import generate
 from skipbench.decoding.sampling import Sampler
@@ -137,3 +139,35 @@ def test_sampled_self_speculation_keeps_the_targets_joint_distribution():
         b, _ = sampler.choose(logits)
         exit_only[int(a) * vocab + int(b)] += 1
     assert chi_square_pvalue(exit_only, joint) < 1e-6
+
+
+@pytest.mark.parametrize("policy", ["confidence:0.5", "heuristic", "dynamic-exit"])
+def test_sampled_draft_policies_keep_the_targets_joint_distribution(policy):
+    """A policy changes how many tokens a round drafts and from which exit, never the distribution: chi-square of
+    the first two of three tokens against the target's exact joint, for each policy (K=2, so a round may draft
+    both, one, or, ended by low confidence, fewer than planned)."""
+    from skipbench.decoding.self_speculative import SelfSpeculative
+
+    vocab = 6
+    model = make_model("gqa", seed=4, vocab_size=vocab)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    prompt = [1, 5, 3]
+
+    def next_probs(tokens):
+        with torch.no_grad():
+            return torch.softmax(model(torch.tensor([tokens])).logits[0, -1].double(), -1)
+
+    first = next_probs(prompt)
+    joint = torch.stack([first[a] * next_probs([*prompt, a]) for a in range(vocab)]).flatten()
+    stack = DecoderStack(model)
+    strategy = SelfSpeculative(stack, exit_layer=1)
+    counts, draws, drafted = torch.zeros(vocab * vocab), 1200, set()
+    for seed in range(draws):
+        sampler = Sampler(sample=True, generator=torch.Generator().manual_seed(seed))
+        record = generate(strategy, prompt, max_new_tokens=3, num_speculations=2, sampler=sampler, eos_ids=[],
+                          device=torch.device("cpu"), policy=policies.build(policy, 2, stack.num_layers, 1.0))
+        counts[record.tokens[0] * vocab + record.tokens[1]] += 1
+        drafted.add(tuple(step.drafted for step in record.steps))
+    assert len(drafted) > 1  # the policy really varied the rounds
+    assert chi_square_pvalue(counts, joint) > 0.001

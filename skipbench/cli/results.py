@@ -95,3 +95,14 @@ def compare(
     if not comparison.ok:
         raise typer.Exit(EXIT_REGRESSION)
     out.print("[green]no regression[/]")
+
+
+@app.command()
+def policies(run_dir: Path = typer.Argument(..., help="A run directory holding draft-policy cells.")) -> None:
+    """Each dynamic draft policy against the best static cell of the run (paired interval), its mean E and K."""
+    from skipbench.policy_report import markdown, write_policy_report
+
+    with handled():
+        table, files = write_policy_report(run_dir)
+        out.print(escape(markdown(table)))
+        out.print(escape(f"wrote {', '.join(str(path) for path in files)}"), soft_wrap=True)

@@ -141,6 +141,8 @@ def run(
     num_speculations: int = typer.Option(None, "--num-speculations", "-k", help="Draft tokens per step (default 4)."),
     draft_model: str = typer.Option(None, "--draft-model", help="Draft model (speculative)."),
     backend: str = typer.Option("native", "--backend", help=f"One of {', '.join(methods.backends())}."),
+    draft_policy: str = typer.Option("static", "--draft-policy", help="static (fixed E and K), confidence:T, "
+                                     "heuristic or dynamic-exit; K is the most a round drafts (heuristic: its start)."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip the autoregressive baseline."),
     out_dir: Path = OutOpt, force: bool = ForceOpt,
     model: str = ModelOpt, prompt: list[str] = PromptOpt, dataset: str = typer.Option(None, "--dataset", "-d",
@@ -154,6 +156,7 @@ def run(
     execute_code_uncontained: bool = UncontainedOpt, compile: bool = CompileOpt,
 ) -> None:
     """Decode a prompt set with one strategy (and the autoregressive baseline) and store the records."""
+    from skipbench.decoding.policy import varies_exit
     from skipbench.models import num_layers_of, pretrained_config
     from skipbench.sweep import run_dir_name
 
@@ -167,12 +170,12 @@ def run(
         method = methods.method_for(strategy, backend)
         if method.speculates and num_speculations is None:
             num_speculations = 4
-        if method.drafter == "exit" and exit_layer is None:
+        if method.drafter == "exit" and exit_layer is None and not varies_exit(draft_policy):
             layers = num_layers_of(setup.model)
             if layers is None and not setup.model.startswith("synthetic:"):  # a Hub id: its config says
                 layers = getattr(pretrained_config(setup.model), "num_hidden_layers", None)
             exit_layer = max(1, layers // 4) if layers else None
-        cell = spec.Cell(strategy, exit_layer, num_speculations, draft_model, backend)
+        cell = spec.Cell(strategy, exit_layer, num_speculations, draft_model, backend, draft_policy=draft_policy)
         # Speedup and losslessness need the baseline on the same prompts: speculative runs add it.
         cells = spec.with_baseline([cell]) if method.speculates and not no_baseline else [cell]
         target = out_dir or run_dir_name(setup, cells, "run")
@@ -197,6 +200,8 @@ def sweep(
     draft_model: list[str] = typer.Option(None, "--draft-model", help="A draft model: two-model rows (repeatable)."),
     backends: str = typer.Option(None, "--backends", help=f"Comma list of {', '.join(methods.backends())} "
                                  f"(default native)."),
+    draft_policies: str = typer.Option(None, "--draft-policies", help="Comma list of draft policies: static, "
+                                       "confidence:T, heuristic, dynamic-exit (default static)."),
     control: bool = typer.Option(None, "--control/--no-control", help="Add a second autoregressive cell, timed "
                                  "like any other: an A/A control whose speedup interval should contain 1.00."),
     out_dir: Path = OutOpt, force: bool = ForceOpt,
@@ -223,7 +228,8 @@ def sweep(
     with handled(force):
         given = setup_options(locals())
         grid = dict(exits=exits, speculations=speculations, strategies=strategies, backends=backends,
-                    draft_models=list(draft_model) if draft_model else None, control=control)
+                    draft_models=list(draft_model) if draft_model else None, control=control,
+                    draft_policies=draft_policies)
         default = replace(DEFAULT_SWEEP, setup=dict(DEFAULT_SWEEP.setup), grid=dict(DEFAULT_SWEEP.grid))
         plan = sweeping.plan(sweep_file, given, grid, out_dir, default, compile=compile)
         plan.setup = allow_execution(plan.setup, execute_code, execute_code_uncontained)

@@ -190,6 +190,9 @@ class DecoderStack:
         self.compile_seconds = 0.0
         self._caches: dict[str, KVCache] = {}
         self._warmed: set[tuple] = set()
+        # Eager only: when a dict, the states after each layer count it names (exit l: after layers [0, l)) of
+        # every position the eager passes run are appended to it (the dynamic-exit policy's shadow tokens).
+        self.taps: dict[int, list[torch.Tensor]] | None = None
         if compile:
             # CUDA: CUDA graphs (what mode="reduce-overhead" turns on). CPU: the wrapper around the kernels in
             # C++ rather than Python, which is most of a small model's step.
@@ -351,8 +354,19 @@ class DecoderStack:
         positions = torch.arange(past, past + count, device=self.device).unsqueeze(0)
         position_embeddings = self.rotary_emb(hidden, positions)
         mask = causal_mask(self.config, past, count, self.device, self.dtype)
-        return run_layers(self.layers[start:end], hidden, mask=mask, positions=positions,
-                          position_embeddings=position_embeddings, cache=cache, keyword=self.cache_keyword)
+        if self.taps is None:
+            return run_layers(self.layers[start:end], hidden, mask=mask, positions=positions,
+                              position_embeddings=position_embeddings, cache=cache, keyword=self.cache_keyword)
+        for index in range(start, end):
+            hidden = run_layers(self.layers[index : index + 1], hidden, mask=mask, positions=positions,
+                                position_embeddings=position_embeddings, cache=cache, keyword=self.cache_keyword)
+            if index + 1 in self.taps:
+                self.taps[index + 1].append(hidden)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The exit head on states (..., n, d) -> (..., n, vocab) float32 logits; not recorded: callers record it."""
+        return self.lm_head(self.norm(hidden)).float()
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: (1, n, d) -> (n, vocab) float32 logits."""

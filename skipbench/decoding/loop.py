@@ -11,6 +11,9 @@ Prefill puts all prompt tokens but the last into the cache; the last prompt toke
 round's input. Hence new_tokens == accepted + verify_steps exactly unless generation ends at EOS or a
 stop sequence inside a step (see `Generation.emit`), and autoregressive decoding makes one token per
 verify step.
+
+A draft policy (`decoding.policy`) plans each round (at most K drafts, from which exit, a confidence floor)
+and hears its outcome; without one every round drafts `num_speculations` (the static policy).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from skipbench.decoding.policy import Static
 from skipbench.decoding.record import Generation, Step, Trace
 from skipbench.decoding.sampling import Sampler
 
@@ -46,13 +50,15 @@ def synchronize(device: torch.device) -> None:
 
 def generate(strategy: Strategy, prompt: list[int], *, max_new_tokens: int, num_speculations: int,
              sampler: Sampler, eos_ids: Sequence[int], device: torch.device,
-             stop: Callable[[list[int]], bool] | None = None) -> Generation:
-    """Decode up to `max_new_tokens` after `prompt`, timing it device-synchronised."""
+             stop: Callable[[list[int]], bool] | None = None, policy: Static | None = None) -> Generation:
+    """Decode up to `max_new_tokens` after `prompt`, timing it device-synchronised; `policy` plans each round
+    (one per generation: policies keep state between rounds)."""
     if not prompt:
         raise ValueError("an empty prompt cannot be decoded")
     eos = set(eos_ids)
     record = Generation(prompt_tokens=len(prompt))
     trace = Trace()
+    policy = policy or Static(num_speculations)
     synchronize(device)
     began = time.perf_counter()
     with torch.inference_mode():
@@ -61,16 +67,27 @@ def generate(strategy: Strategy, prompt: list[int], *, max_new_tokens: int, num_
         last_id = prompt[-1]
         while record.new_tokens < max_new_tokens:
             context = len(prompt) - 1 + record.new_tokens
+            plan = policy.plan()
             # Never draft past the token budget: the step's own token needs one place too.
-            count = min(num_speculations, max_new_tokens - record.new_tokens - 1)
+            count = min(plan.count, max_new_tokens - record.new_tokens - 1)
             trace.begin_step(len(record.steps))
+            if plan.exit_layer is not None:
+                strategy.exit_layer = plan.exit_layer
+            if policy.wants_shadow:
+                strategy.watch(policy.candidates)
             trace.phase = "draft"
-            drafts, draft_probs = strategy.draft(last, count, sampler) if count > 0 else (last[:0], None)
+            options = {"threshold": plan.threshold} if plan.threshold else {}
+            drafts, draft_probs = strategy.draft(last, count, sampler, **options) if count > 0 else (last[:0], None)
             trace.phase = "verify"
             outcome = sampler.accept(drafts, draft_probs, strategy.verify(last, drafts))
-            kept, next_id, *drafted = torch.cat([outcome, drafts]).tolist()  # the round's one host sync
+            shadow = strategy.shadow() if policy.wants_shadow else None
+            parts = [outcome, drafts] if shadow is None else [outcome, drafts, shadow.flatten()]
+            kept, next_id, *read = torch.cat(parts).tolist()  # the round's one host sync
+            drafted = read[: drafts.shape[0]]
             strategy.commit(context + 1 + kept, [last_id, *drafted])
-            record.steps.append(Step(context, count, kept))
+            record.steps.append(Step(context, len(drafted), kept, plan.exit_layer))
+            policy.observe(len(drafted), kept, None if shadow is None else
+                           agreement(read[len(drafted):], policy.candidates, [*drafted[:kept], next_id]))
             ended = record.emit([*drafted[:kept], next_id], kept, eos, stop)
             last, last_id = outcome[1:], next_id
             if len(record.steps) == 1:
@@ -81,3 +98,11 @@ def generate(strategy: Strategy, prompt: list[int], *, max_new_tokens: int, num_
     record.time_s = time.perf_counter() - began
     record.passes = trace.passes
     return record
+
+
+def agreement(flat: list[int], exits: Sequence[int], committed: list[int]) -> dict[int, tuple[int, int]]:
+    """Per exit, (how many of the round's committed tokens its shadow prediction matched, how many there were),
+    from the shadow ids (exits x positions, flattened): position i predicts committed token i."""
+    positions = len(flat) // len(exits)
+    return {layer: (sum(flat[row * positions + i] == token for i, token in enumerate(committed)), len(committed))
+            for row, layer in enumerate(exits)}

@@ -20,6 +20,7 @@ class Step:
     context: int  # tokens in the full model's cache when the step began
     drafted: int
     accepted: int  # drafts kept and emitted; the step may also emit one token of the verifier's own
+    exit_layer: int | None = None  # the exit the step drafted from, where a draft policy chose it
 
 
 @dataclass

@@ -46,6 +46,13 @@ class Sampler:
         probs = self.probs(logits)
         return self.draw(probs), probs
 
+    def confidence(self, logits: torch.Tensor, token: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+        """The draft's probability of the token it chose, as transformers' ConfidenceCriteria reads it: of the
+        distribution it drew from when sampling, else of softmax(logits) (greedy: the top-1 probability)."""
+        if probs is None:
+            probs = torch.softmax(logits, dim=-1)
+        return probs[0, token[0]]
+
     def accept(self, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
                target_logits: torch.Tensor) -> torch.Tensor:
         """Verify k drafts against (k+1, vocab) target logits -> a (2,) tensor [drafts kept, next token].

@@ -6,6 +6,10 @@ Draft and verifier are one model, so they share more than weights:
   layers < E process each token position exactly once (only the last draft, which the draft never fed
   back in, goes through layers < E during verification).
 Drafts stay on the device: each is chosen there and fed back as a tensor.
+
+Draft policies (`decoding.policy`): `threshold` ends drafting after a draft below that confidence (one host
+read per draft); the loop may set `exit_layer` before each round; `watch`/`shadow` give the dynamic-exit
+policy every candidate exit's greedy prediction at the round's positions from states the round computed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 
 from skipbench.decoding.autoregressive import Autoregressive
 from skipbench.decoding.layers import DecoderStack, EngineError
+from skipbench.decoding.record import Pass
 from skipbench.decoding.sampling import Sampler
 
 
@@ -24,10 +29,13 @@ class SelfSpeculative(Autoregressive):
         super().__init__(stack)
         self.exit_layer = exit_layer
         self.exit_states: list[torch.Tensor] = []  # layer-E hidden states of positions not yet verified
+        self.watched: tuple[int, ...] = ()  # candidate exits whose states this round taps
+        self.shadow_rows = (0, 0)  # (context, positions) of the round's shadow head rows, recorded at commit
 
-    def draft(self, last: torch.Tensor, count: int, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def draft(self, last: torch.Tensor, count: int, sampler: Sampler,
+              threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         stack = self.stack
-        if not sampler.sample:  # greedy: the whole draft phase is one call (one compiled graph when compiled)
+        if not sampler.sample and not threshold:  # greedy: the whole draft phase is one call (one compiled graph)
             states, drafts = stack.chain(last, self.cache, self.exit_layer, count)
             self.exit_states = [states]
             return drafts, None
@@ -40,7 +48,33 @@ class SelfSpeculative(Autoregressive):
             token, token_probs = sampler.choose(logits)
             drafts.append(token)
             probs.append(token_probs)
+            if threshold and sampler.confidence(logits, token, token_probs).item() < threshold:
+                break  # transformers' ConfidenceCriteria: the unsure draft is still proposed
         return torch.cat(drafts), torch.cat(probs) if sampler.sample else None
+
+    def watch(self, exits: tuple[int, ...]) -> None:
+        """Tap the states after each of `exits` layers at every position this round runs (eager only)."""
+        self.watched = exits
+        self.stack.taps = {layer: [] for layer in exits}
+
+    def shadow(self) -> torch.Tensor:
+        """After verify: (len(exits), positions) the greedy token each watched exit predicts at each of the round's
+        positions (the last input, then each draft), from the states the draft and the verifier computed. Its
+        head rows are recorded as one pass at commit, where it is known which rows predicted committed tokens."""
+        taps, self.stack.taps = self.stack.taps, None
+        states = torch.cat([torch.cat(taps[layer], dim=1) for layer in self.watched])  # (exits, positions, d)
+        self.shadow_rows = (self.cache.lengths[-1] - states.shape[1], states.shape[1])
+        return self.stack.head(states).argmax(dim=-1)
+
+    def commit(self, length: int, inputs: list[int]) -> None:
+        super().commit(length, inputs)
+        context, positions = self.shadow_rows
+        if positions and self.cache.trace is not None:
+            rows, used = len(self.watched) * positions, len(self.watched) * min(positions, length - context)
+            trace, top = self.cache.trace, self.stack.num_layers
+            trace.passes.append(Pass("verify", self.model, top, top, rows, context, rows, kept_positions=used,
+                                     kept_head_positions=used, step=trace.step))
+        self.shadow_rows = (0, 0)
 
     def shapes(self, k: int, sample: bool = False) -> list[tuple[DecoderStack, str, list[tuple]]]:
         # The greedy draft phase (or one draft pass when sampling), the verify pass over the last draft's low

@@ -21,12 +21,14 @@ class TwoModel:
         self.drafter.start(prompt, capacity, trace)
         self.committed = prompt[:-1]
 
-    def draft(self, last: torch.Tensor, count: int, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def draft(self, last: torch.Tensor, count: int, sampler: Sampler,
+              threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`threshold`: end drafting after a draft below that confidence (a draft policy; one host read each)."""
         stack, cache = self.drafter.stack, self.drafter.cache
         # The draft cache lacks the last step's final draft when all drafts were kept: feed it too.
         missing = self.committed[cache.lengths[0]:]
         feed = torch.cat([stack.ids(missing), last]) if missing else last
-        if not sampler.sample:  # greedy: the whole draft phase is one call (one compiled graph when compiled)
+        if not sampler.sample and not threshold:  # greedy: the whole draft phase is one call (one compiled graph)
             return stack.chain(feed, cache, stack.num_layers, count)[1], None
         drafts, probs = [], []
         for _ in range(count):
@@ -35,6 +37,8 @@ class TwoModel:
             drafts.append(token)
             probs.append(token_probs)
             feed = token
+            if threshold and sampler.confidence(logits, token, token_probs).item() < threshold:
+                break  # transformers' ConfidenceCriteria: the unsure draft is still proposed
         return torch.cat(drafts), torch.cat(probs) if sampler.sample else None
 
     def shapes(self, k: int, sample: bool = False) -> list[tuple[DecoderStack, str, list[tuple]]]:
