@@ -229,6 +229,11 @@ def plan(sweep_file: str | None, setup_options: dict, grid_options: dict, out: P
     skipbench's engine compiled (`methods.compiled_backend`)."""
     loaded = spec.load_sweep_file(sweep_file) if sweep_file else default_file
     given = {key: value for key, value in setup_options.items() if value is not None}
+    loaded = replace(loaded, setup=dict(loaded.setup), grid=dict(loaded.grid))  # the caller's stays as it was
+    if sweep_file is None and (given.get("dataset") or given.get("prompts")):
+        # The default sweep's prompt count, lengths and stops were chosen for its task: another task (or
+        # --prompt texts) takes its own defaults wherever the command line says nothing.
+        loaded.setup = {key: value for key, value in loaded.setup.items() if key == "model"}
     # A file's `dataset` may list several tasks; --dataset (repeatable) or --prompt replaces it.
     file_tasks = loaded.setup.pop("dataset", None)
     datasets = given.pop("dataset", None)

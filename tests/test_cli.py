@@ -176,3 +176,18 @@ def test_report_on_a_run_with_an_hf_static_cell(tmp_path):
     report = invoke("report", tmp_path)
     assert report.exit_code == 0, report.output
     assert "hf_static" in (tmp_path / "tables" / "efficiency.md").read_text()
+
+
+@pytest.mark.parametrize("given", [dict(dataset=["topv2"]), dict(prompts=("x",))])
+def test_a_sweep_without_a_file_takes_the_tasks_defaults_not_the_default_sweeps(given):
+    from skipbench import sweep as sweeping
+    from skipbench.cli.runs import DEFAULT_SWEEP
+
+    plan = sweeping.plan(None, dict(given), {}, None, DEFAULT_SWEEP)
+    assert plan.tasks == given.get("dataset", [])
+    # None: the task's own (topv2: 64 new tokens, stop at the newline, every example); --prompt: 128 tokens
+    assert (plan.setup.num_samples, plan.setup.max_new_tokens, plan.setup.stop_sequences) == (None, None, None)
+    # the default sweep itself keeps its choices
+    default = sweeping.plan(None, {}, {}, None, DEFAULT_SWEEP)
+    assert default.tasks == ["humaneval"] and default.setup.num_samples == 3 and default.setup.max_new_tokens == 48
+    assert DEFAULT_SWEEP.setup["dataset"] == "humaneval"  # not consumed by planning
