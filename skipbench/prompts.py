@@ -44,12 +44,19 @@ class PromptSet:
         return info
 
 
-def build_prompts(setup: Setup, tokenizer, max_positions: int | None = None) -> PromptSet:
-    """Load the dataset (or take the --prompt texts), apply the template and tokenise.
+@dataclass
+class Examples:
+    """A run's prompt texts before tokenising: loaded before any model, so a bad prompt set costs nothing."""
 
-    A prompt that, with the tokens to generate, would not fit the model's positions is refused: past
-    `max_position_embeddings` a model's output means nothing, yet decoding would go on without a sign.
-    """
+    examples: list[tasks.Example]
+    task: tasks.TaskData | None
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...]
+    notes: list[str]
+
+
+def load_examples(setup: Setup) -> Examples:
+    """Load the dataset (or take the --prompt texts) and apply the template; an empty set is refused."""
     notes = []
     if setup.dataset is None:
         texts = [setup.template.replace("{prompt}", text) if setup.template else text for text in setup.prompts]
@@ -67,7 +74,19 @@ def build_prompts(setup: Setup, tokenizer, max_positions: int | None = None) -> 
         if setup.num_samples is not None and setup.num_samples > len(examples):
             notes.append(f"note: --num-samples {setup.num_samples} but {setup.dataset} has {len(examples)} "
                          f"examples: decoding all {len(examples)}")
-    max_new_tokens = setup.max_new_tokens or max_new
+    return Examples(examples, task, max_new, tuple(stops), notes)
+
+
+def build_prompts(setup: Setup, tokenizer, max_positions: int | None = None,
+                  loaded: Examples | None = None) -> PromptSet:
+    """Tokenise the prompt set (`loaded`, else loaded here).
+
+    A prompt that, with the tokens to generate, would not fit the model's positions is refused: past
+    `max_position_embeddings` a model's output means nothing, yet decoding would go on without a sign.
+    """
+    loaded = loaded or load_examples(setup)
+    examples, task, stops, notes = loaded.examples, loaded.task, loaded.stop_sequences, list(loaded.notes)
+    max_new_tokens = setup.max_new_tokens or loaded.max_new_tokens
     prompts = []
     for index, example in enumerate(examples):
         ids = tasks.limit_prompt_tokens(tokenizer.encode(example.prompt), setup.max_prompt_tokens,

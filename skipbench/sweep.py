@@ -26,7 +26,7 @@ from skipbench.errors import UserError
 from skipbench.measure import CellRunner, Progress, measure_group
 from skipbench.methods import BuildContext, compiled_backend
 from skipbench.models import LoadedModel, check_vocab_match, load_model, num_layers_of, resolve_device
-from skipbench.prompts import PromptSet, build_prompts
+from skipbench.prompts import PromptSet, build_prompts, load_examples
 from skipbench.spec import Cell, Setup, SpecError, cell_key
 from skipbench.store import RunStore, manifest_for
 
@@ -117,13 +117,14 @@ def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
     if setup.device != "cuda" and not setup.device.startswith("cuda:"):
         torch.set_num_threads(threads)
     before = machine.state(threads)  # before our own loading adds to the load average
+    examples = load_examples(setup)  # an empty or unreadable prompt set is refused before any model loads
     target = loader(setup.model, dtype=setup.dtype, device=setup.device)
     drafts: dict[str, LoadedModel] = {}
     for name in sorted({cell.draft_model for cell in cells if cell.draft_model}):
         drafts[name] = loader(name, dtype=setup.dtype, device=setup.device)
         check_vocab_match(target, drafts[name])
     refuse_unsupported(cells, target, drafts)
-    prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions)
+    prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions, loaded=examples)
     lengths = sorted(len(prompt.token_ids) for prompt in prompt_set.prompts)
     sizes = calibrate.block_sizes(lengths[-1], max(cell.num_speculations or 0 for cell in cells))
     typical = lengths[len(lengths) // 2] + prompt_set.max_new_tokens // 2  # the context of a typical step

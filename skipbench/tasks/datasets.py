@@ -145,6 +145,8 @@ def load_task(
     else:
         raise TaskError(f"unknown dataset {dataset!r}; choose cnn_dm, humaneval, topv2 or jsonl:PATH")
 
+    if not rows:
+        raise TaskError(f"{source} holds no examples (an empty or blank file): nothing to decode")
     examples = [
         _make_example(name, rows[i], i, source, prompt_field, reference_field)
         for i in _select(len(rows), num_samples, seed)
