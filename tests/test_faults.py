@@ -194,6 +194,25 @@ def test_ctrl_c_mid_sweep_exits_130_with_how_to_resume_and_the_rerun_completes(t
     assert_kept(frame, journaled)
 
 
+def test_sigterm_mid_sweep_is_handled_like_ctrl_c_exit_143(tmp_path):
+    """Slurm sends SIGTERM at preemption and at the time limit: finished work kept, one line, lock released."""
+    out = tmp_path / "run"
+    process = start(out, gate=6)
+    wait_for_journal(process, out, 5)
+    process.send_signal(signal.SIGTERM)
+    code, _, stderr = finish(process, timeout=60)
+    assert code == 143, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("terminated (SIGTERM): finished work is kept; rerun the same "
+                                               "command to resume")
+    assert not (out / ".lock").exists()
+    journaled = journal(out)
+    assert len(journaled) == 5
+    code, _, stderr = finish(start(out))
+    assert code == 0, stderr
+    assert_kept(assert_complete_and_unmixed(out), journaled)
+
+
 def test_ctrl_c_after_a_force_restart_says_to_resume_without_force(tmp_path):
     out = tmp_path / "run"
     process = start(out, "--force", gate=3)
