@@ -191,3 +191,24 @@ def test_a_sweep_without_a_file_takes_the_tasks_defaults_not_the_default_sweeps(
     default = sweeping.plan(None, {}, {}, None, DEFAULT_SWEEP)
     assert default.tasks == ["humaneval"] and default.setup.num_samples == 3 and default.setup.max_new_tokens == 48
     assert DEFAULT_SWEEP.setup["dataset"] == "humaneval"  # not consumed by planning
+
+
+COMMANDS = ["run", "sweep", "report", "compare", "datasets", "roofline", "benchmark", "train"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_names_every_value_plainly_and_explains_every_option(command):
+    import re
+
+    import typer
+
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    assert "<list[" not in result.output, result.output
+    # "{prompt}" is what --template's user types; any other {name} is a placeholder leaking out
+    assert not [name for name in re.findall(r"\{(\w+)\}", result.output) if name != "prompt"], result.output
+    options = typer.main.get_command(app).commands[command].params
+    silent = [param.opts[0] for param in options if param.param_type_name == "option" and not param.help]
+    assert silent == [], f"{command}: options without help: {silent}"
+    if command == "datasets":
+        assert "see skipbench datasets" not in " ".join(result.output.split())  # it does not point to itself

@@ -38,6 +38,7 @@ if sys.argv[0] == "-m" or os.path.basename(sys.argv[0]) in ("skipbench", "skipbe
 import warnings
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
@@ -45,6 +46,17 @@ from skipbench.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Benchmark autoregressive, two-model speculative and LayerSkip self-speculative decoding.")
+
+
+class PlainUsage(typer.core.TyperCommand):
+    """A command whose usage line names a required argument as RUN_DIR, not as Typer's {RUN_DIR} (which reads
+    like a placeholder left unfilled)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece
+                for piece in super().collect_usage_pieces(ctx)]
+
+
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from skipbench import spec
-from skipbench.cli.core import EXIT_REGRESSION, app, console, handled, out
+from skipbench.cli.core import EXIT_REGRESSION, PlainUsage, app, console, handled, out
 from skipbench.errors import UserError
 
 
@@ -23,12 +23,13 @@ def parse_fraction(text: str) -> float:
     return value
 
 
-@app.command()
+@app.command(cls=PlainUsage)
 def report(
-    run_dir: Path = typer.Argument(..., help="A run directory (runs/<run>)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory (runs/<run>)."),
     peak_bandwidth: float = typer.Option(None, "--peak-bandwidth", help="Bytes/s (see skipbench roofline)."),
     peak_flops: float = typer.Option(None, "--peak-flops", help="FLOP/s (see skipbench roofline)."),
-    overlay: list[Path] = typer.Option(None, "--overlay", help="Other runs to overlay with this one (repeatable)."),
+    overlay: list[Path] = typer.Option(None, "--overlay", metavar="<path>",
+                                       help="Other runs to overlay with this one (repeatable)."),
     labels: str = typer.Option(None, "--labels", help="Comma list of labels for this run and the overlays."),
 ) -> None:
     """Tables (Markdown, LaTeX, CSV) and plots (PNG, PDF) from a run's raw records."""
@@ -56,14 +57,16 @@ def report(
         out.print(escape(f"wrote {len(files)} files under {run_dir}/tables and {run_dir}/plots"), soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=PlainUsage)
 def compare(
-    base_dir: Path = typer.Argument(..., help="The baseline run (e.g. results/ci-smoke)."),
-    new_dir: Path = typer.Argument(..., help="The run to check."),
+    base_dir: Path = typer.Argument(..., metavar="BASE_RUN", help="The baseline run (e.g. results/ci-smoke)."),
+    new_dir: Path = typer.Argument(..., metavar="NEW_RUN", help="The run to check."),
     max_slowdown: str = typer.Option("5%", "--max-slowdown", help="A speedup may fall this much beyond the runs' "
                                      "intervals (5% or 0.05)."),
-    max_acceptance_drop: float = typer.Option(0.02, "--max-acceptance-drop"),
-    max_quality_drop: float = typer.Option(0.01, "--max-quality-drop"),
+    max_acceptance_drop: float = typer.Option(0.02, "--max-acceptance-drop", help="An acceptance rate may fall "
+                                              "this much (absolute)."),
+    max_quality_drop: float = typer.Option(0.01, "--max-quality-drop", help="A task score may fall this much "
+                                           "(absolute)."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="A base cell missing in the new run is a note."),
 ) -> None:
     """Match the cells of two runs and exit 1 when one regressed beyond the tolerances."""
