@@ -114,8 +114,12 @@ CASES = [
     Case("cuda-index-on-cpu-build", run("-p", "x", "-e", "1", "--device", "cuda:0"), "--device cuda:0",
          skip="CUDA is available here" if CUDA else None),
     Case("cuda-bad-index", run("-p", "x", "-e", "1", "--device", "cuda:99"), "--device cuda:99"),
-    Case("benchmark-too-big-for-memory", ("benchmark", "--out", "{out}"), "--dtype bfloat16",
-         patch={"skipbench.models.available_memory": lambda device: 24 * 10**9}),
+    Case("benchmark-too-big-for-memory", ("benchmark", "--out", "{out}"), "is available; what fits: --dtype "
+         "bfloat16 (21.7 GB)", patch={"skipbench.models.available_memory": lambda device: 26 * 10**9}),
+    # the target alone would fit in bfloat16 (16.1 GB), but not with its draft (5.6 GB more): bfloat16 is no advice
+    Case("benchmark-target-and-draft-too-big", ("benchmark", "--out", "{out}"), "synthetic:llama3-8b?agree=8 with "
+         "synthetic:llama3-8b?agree=8&layers=8 need 43.3 GB for their float32 weights but 20.0 GB of memory is "
+         "available; in bfloat16 they need 21.7 GB", patch={"skipbench.models.available_memory": lambda device: 20 * 10**9}),
     Case("benchmark-too-big-anywhere", ("benchmark", "--model", "synthetic:llama2-70b", "--draft-model", "",
                                         "--out", "{out}"), "needs 275.9 GB"),
     Case("benchmark-bad-exits", ("benchmark", "--exits", "x", "--out", "{out}"), "cannot read 'x'"),
