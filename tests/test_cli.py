@@ -212,3 +212,15 @@ def test_help_names_every_value_plainly_and_explains_every_option(command):
     assert silent == [], f"{command}: options without help: {silent}"
     if command == "datasets":
         assert "see skipbench datasets" not in " ".join(result.output.split())  # it does not point to itself
+
+
+def test_runs_warning_points_only_to_tables_that_exist(tmp_path, monkeypatch):
+    import skipbench.summary
+
+    monkeypatch.setattr(skipbench.summary, "NOISY", -1.0)  # every cell noisy
+    result = invoke("run", "--model", TINY, "-e", 1, "-k", 2, "-p", "hi", "--max-new-tokens", 4, "--warmup", 0,
+                    "--threads", 1, "--repeats", 2, "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "wider than" in text
+    assert "tables/efficiency.md" not in text or (tmp_path / "r" / "tables" / "efficiency.md").is_file(), text

@@ -282,6 +282,20 @@ def test_a_damaged_cell_file_is_set_aside_recomputed_and_not_mixed(finished, tmp
     assert len(frame) >= GENERATIONS
 
 
+def test_report_names_a_cell_that_lacks_a_prompts_rows_and_how_to_finish_it(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    frame = cells(out)
+    key = list(dict.fromkeys(frame[frame["strategy"] == "self_speculative"]["cell_key"]))[0]
+    label = frame.loc[frame["cell_key"] == key, "cell_label"].iloc[0]
+    rows = pd.read_parquet(out / "cells" / f"{key}.parquet")
+    rows[rows["prompt_index"] != 1].to_parquet(out / "cells" / f"{key}.parquet")
+    result = runner.invoke(app, ["report", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if label in line and "incomplete" in line]
+    assert warned and "2 of 3 prompts" in warned[0] and "rerun" in warned[0], result.output
+
+
 @pytest.mark.parametrize("how", DAMAGES)
 def test_report_on_a_damaged_run_warns_in_one_line_and_reports_the_rest(finished, tmp_path, how):
     out = tmp_path / "run"

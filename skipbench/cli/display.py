@@ -93,7 +93,7 @@ def short_label(cell: Cell) -> str:
     return " ".join(parts)
 
 
-def print_summary(store: RunStore, device: str | None = None) -> None:
+def print_summary(store: RunStore, device: str | None = None, report: bool = False) -> None:
     """The run's cells in the order asked for; fits an 80-column terminal. Failed cells and warnings after.
     A run timed on several devices gets a table per device: times are never pooled across devices."""
     from skipbench.spec import Cell
@@ -104,7 +104,7 @@ def print_summary(store: RunStore, device: str | None = None) -> None:
     if len(devices) > 1:
         out.print(escape(f"rows timed on {len(devices)} devices: one table per device"), soft_wrap=True)
         for name in devices:
-            print_summary(store, name)
+            print_summary(store, name, report)
         for error in store.errors():
             out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}", soft_wrap=True)
         return
@@ -128,9 +128,10 @@ def print_summary(store: RunStore, device: str | None = None) -> None:
         out.print(escape(f"d{index + 1}: draft model {name}"), soft_wrap=True)
     noisy = [row for row in summary.to_dict("records") if any(w.startswith("noisy") for w in row["warnings"])]
     if noisy:
+        where = "tables/efficiency.md" if report else f"skipbench report {store.root}"
         out.print(f"[yellow]warning[/]: {len(noisy)} of {len(summary)} cells have speedup intervals wider than "
-                  f"+-{NOISY:.0%} (tables/efficiency.md lists them): add --repeats or prompts, or measure on a "
-                  f"quieter machine")
+                  f"+-{NOISY:.0%} ({escape(where)} lists them): add --repeats or prompts, or measure on a quieter "
+                  f"machine", soft_wrap=True)
     for row in summary.to_dict("records"):
         for warning in row["warnings"]:
             if not warning.startswith("noisy"):

@@ -23,6 +23,17 @@ def parse_fraction(text: str) -> float:
     return value
 
 
+def incomplete_cells(frame, prompts: int | None, run_dir: Path) -> list[str]:
+    """A line per cell that lacks some prompt's rows: the tables leave it out, so say so and how to finish it."""
+    if frame.empty or not prompts:
+        return []
+    covered = frame.groupby("cell_key", sort=False).agg(label=("cell_label", "first"),
+                                                         prompts=("prompt_index", "nunique"))
+    return [f"cell {row.label} is incomplete (rows for {row.prompts} of {prompts} prompts) and left out of the "
+            f"tables; rerun the command that made {run_dir} (same options, same --out) to finish it"
+            for row in covered.itertuples() if row.prompts < prompts]
+
+
 @app.command(cls=PlainUsage)
 def report(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory (runs/<run>)."),
@@ -40,10 +51,12 @@ def report(
 
     with handled():
         store = RunStore(run_dir)
-        store.read_manifest()  # one clear line when this is not a run directory
-        store.read_cells()  # damaged cell files are set aside here, each with one warning line
+        manifest = store.read_manifest()  # one clear line when this is not a run directory
+        frame = store.read_cells()  # damaged cell files are set aside here, each with one warning line
         for problem in store.problems:
             console.print(f"[yellow]warning[/]: {escape(problem)}; rerun its sweep to recompute it", soft_wrap=True)
+        for warning in incomplete_cells(frame, (manifest.get("prompts") or {}).get("prompts"), run_dir):
+            console.print(f"[yellow]warning[/]: {escape(warning)}", soft_wrap=True)
         if not store.has_cells():
             raise UserError(f"{run_dir} holds no finished cells yet: run or resume its sweep first")
         runs = [run_dir, *(overlay or [])]

@@ -93,7 +93,7 @@ def measure_and_print(setup: spec.Setup, cells: list[spec.Cell], target: Path, f
         console.print(escape(f"{command}: {len(cells)} cell(s) of {setup.model} -> {target}"), soft_wrap=True)
         with RichProgress() as progress:
             store = local.run(setup, cells, target, force=force, progress=progress)
-    print_summary(store)
+    print_summary(store, report=report)
     if report:
         files = write_report(store.root)
         out.print(escape(f"tables and plots: {store.root / 'tables'}, {store.root / 'plots'} ({len(files)} files)"),
