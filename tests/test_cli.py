@@ -224,3 +224,19 @@ def test_runs_warning_points_only_to_tables_that_exist(tmp_path, monkeypatch):
     text = " ".join(result.output.split())
     assert "wider than" in text
     assert "tables/efficiency.md" not in text or (tmp_path / "r" / "tables" / "efficiency.md").is_file(), text
+
+
+def test_the_console_summary_says_which_baseline_each_speedup_divides_by(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).parent.parent / "results" / "ci-smoke", tmp_path / "ci-smoke")
+    result = runner.invoke(app, ["report", str(tmp_path / "ci-smoke")], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "speedups divide by AR, * by AR hf" in lines
+    rows = {line.split("│")[1].strip(): line for line in lines if line.count("│") >= 6}
+    assert rows["AR hf"].split("│")[3].strip().endswith("]")  # native-engine baseline: unmarked
+    assert rows["AR hf control"].split("│")[3].strip().endswith("]*")
+    assert rows["self E=2 K=4 hf"].split("│")[3].strip().endswith("]*")
+    assert "AR #2" not in result.output and "AR control" in rows

@@ -89,14 +89,14 @@ def short_label(cell: Cell) -> str:
     if cell.backend != "native":
         parts.append(cell.backend)
     if cell.replica:
-        parts.append(f"#{cell.replica + 1}")
+        parts.append("control" if not cell.method.speculates else f"#{cell.replica + 1}")
     return " ".join(parts)
 
 
 def print_summary(store: RunStore, device: str | None = None, report: bool = False) -> None:
     """The run's cells in the order asked for; fits an 80-column terminal. Failed cells and warnings after.
     A run timed on several devices gets a table per device: times are never pooled across devices."""
-    from skipbench.spec import Cell
+    from skipbench.spec import Cell, baseline_of
     from skipbench.summary import NOISY, load_summary, run_devices
     from skipbench.tables import number, with_interval
 
@@ -113,17 +113,25 @@ def print_summary(store: RunStore, device: str | None = None, report: bool = Fal
     title = f"{target.get('name')}{' (SYNTHETIC weights)' if target.get('synthetic') else ''}: {store.root}"
     title += f" on {device}" if device else ""
     table = Table(title=escape(title), title_justify="left", pad_edge=False)
+    cells = [Cell.from_record(row) for row in summary.to_dict("records")]
+    bases = [baseline_of(cell, cells) for cell in cells]
+    # Which baseline each speedup divides by: the first (native) one unmarked, each other one with a mark.
+    others = [base for base in dict.fromkeys(bases) if base is not None][1:]
+    marks = {base: "*†‡§"[index] if index < 4 else f"({index + 1})" for index, base in enumerate(others)}
     for name in ("cell", "tok/s", "speedup [95% CI]", "accept", "tok/step", "lossless"):
         table.add_column(name, justify="left" if name == "cell" else "right", no_wrap=True)
     drafts = sorted({row["draft_model"] for row in summary.to_dict("records") if isinstance(row["draft_model"], str)})
-    for row in summary.to_dict("records"):
-        cell = Cell.from_record(row)
+    for row, cell, base in zip(summary.to_dict("records"), cells, bases, strict=True):
         label = short_label(cell) + (f" d{drafts.index(cell.draft_model) + 1}" if cell.draft_model else "")
         table.add_row(escape(label), number(row["tokens_per_s"], "{:.1f}"),
-                      with_interval(row["speedup"], row["speedup_low"], row["speedup_high"]),
+                      with_interval(row["speedup"], row["speedup_low"], row["speedup_high"]) + marks.get(base, ""),
                       number(row["acceptance_rate"], "{:.2f}"), number(row["tokens_per_step"], "{:.2f}"),
                       number(row["lossless"], "{:.0%}"))
     out.print(table)
+    if marks:
+        first = next(base for base in bases if base is not None)
+        out.print(escape(f"speedups divide by {short_label(first)}, " + ", ".join(
+            f"{mark} by {short_label(base)}" for base, mark in marks.items())))
     for index, name in enumerate(drafts):
         out.print(escape(f"d{index + 1}: draft model {name}"), soft_wrap=True)
     noisy = [row for row in summary.to_dict("records") if any(w.startswith("noisy") for w in row["warnings"])]
@@ -131,7 +139,7 @@ def print_summary(store: RunStore, device: str | None = None, report: bool = Fal
         where = "tables/efficiency.md" if report else f"skipbench report {store.root}"
         out.print(f"[yellow]warning[/]: {len(noisy)} of {len(summary)} cells have speedup intervals wider than "
                   f"+-{NOISY:.0%} ({escape(where)} lists them): add --repeats or prompts, or measure on a quieter "
-                  f"machine", soft_wrap=True)
+                  f"machine")
     for row in summary.to_dict("records"):
         for warning in row["warnings"]:
             if not warning.startswith("noisy"):

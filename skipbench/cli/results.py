@@ -44,10 +44,11 @@ def report(
     labels: str = typer.Option(None, "--labels", help="Comma list of labels for this run and the overlays."),
 ) -> None:
     """Tables (Markdown, LaTeX, CSV) and plots (PNG, PDF) from a run's raw records."""
+    from skipbench.cli.display import print_summary
     from skipbench.plots import overlay as overlay_plot
     from skipbench.store import RunStore
     from skipbench.summary import load_summary
-    from skipbench.tables import efficiency_markdown, write_report
+    from skipbench.tables import write_report
 
     with handled():
         store = RunStore(run_dir)
@@ -66,8 +67,9 @@ def report(
         files = write_report(run_dir, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops)
         if overlay:
             files += overlay_plot([load_summary(path)[0] for path in runs], names, run_dir / "plots" / "overlay")
-        out.print(escape(efficiency_markdown(run_dir)))
-        out.print(escape(f"wrote {len(files)} files under {run_dir}/tables and {run_dir}/plots"), soft_wrap=True)
+        print_summary(store, report=True)  # fits 80 columns; the wide tables are in the files
+        out.print(escape(f"wrote {len(files)} files under {run_dir}/tables (efficiency.md: every column) and "
+                         f"{run_dir}/plots"))
 
 
 @app.command(cls=PlainUsage)
