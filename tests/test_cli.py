@@ -240,3 +240,23 @@ def test_the_console_summary_says_which_baseline_each_speedup_divides_by(tmp_pat
     assert rows["AR hf control"].split("│")[3].strip().endswith("]*")
     assert rows["self E=2 K=4 hf"].split("│")[3].strip().endswith("]*")
     assert "AR #2" not in result.output and "AR control" in rows
+
+
+def test_report_compare_and_datasets_fit_80_columns(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    monkeypatch.delenv("SKIPBENCH_DATA_DIR", raising=False)
+    run = tmp_path / "ci-smoke"
+    shutil.copytree(Path(__file__).parent.parent / "results" / "ci-smoke", run)
+    for args in (["report", run], ["compare", run, run], ["datasets"]):
+        result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        wide = [line for line in result.output.splitlines() if len(line) > 80]
+        assert wide == [], f"{args[0]}: {wide}"
+        assert "…" not in result.output, result.output  # nothing cut short
+        if args[0] == "compare":
+            assert "0/0" not in result.output and "nothing to check" in result.output
+            assert len([line for line in result.output.splitlines() if line.startswith("│")]) == 20  # a line a cell
+        if args[0] == "report":
+            assert "|:---" not in result.output and "(efficiency.md: every column)" in " ".join(result.output.split())

@@ -81,16 +81,7 @@ class RichProgress(ConsoleBar):
 
 def short_label(cell: Cell) -> str:
     """A cell's name in a few characters, for narrow terminals: `self E=8 K=4`, `2-model K=4 hf`."""
-    parts = [cell.method.short]
-    if cell.exit_layer is not None:
-        parts.append(f"E={cell.exit_layer}")
-    if cell.num_speculations is not None:
-        parts.append(f"K={cell.num_speculations}")
-    if cell.backend != "native":
-        parts.append(cell.backend)
-    if cell.replica:
-        parts.append("control" if not cell.method.speculates else f"#{cell.replica + 1}")
-    return " ".join(parts)
+    return cell.short_label()
 
 
 def print_summary(store: RunStore, device: str | None = None, report: bool = False) -> None:

@@ -23,8 +23,8 @@ def datasets(data_dir: str = typer.Option(None, "--data-dir", envvar="SKIPBENCH_
     from skipbench.tasks import available_tasks
 
     table = Table(title="skipbench datasets")
-    for name in ("task", "source", "available", "where / how"):
-        table.add_column(name)
+    for name in ("task", "source", "available", "where / how"):  # a path folds over lines, never cut short
+        table.add_column(name, overflow="fold", ratio=3 if name == "where / how" else None)
     for task in available_tasks(data_dir):
         table.add_row(escape(task["name"]), escape(task["source"]), "yes" if task["available"] else "no",
                       escape(task["where"] if task["available"] else task["how"]))
