@@ -208,7 +208,7 @@ def compare_runs(base_dir: Path | str, new_dir: Path | str, *, max_slowdown: flo
     for identity in identities:
         b, n = base.rows.get(identity), new.rows.get(identity)
         label = (b or n)["cell_label"]
-        row = {"cell": label, "short": Cell(*identity).short_label()}
+        row = {"cell": label, "short": Cell(*identity).short_label(), "draft": Cell(*identity).draft_model}
         if n is None:
             error = new.errors.get(identity)
             message = f"{label}: in the base run but " + (f"failed in the new run ({error})" if error
@@ -317,11 +317,13 @@ def format_comparison(comparison: Comparison):
     for name in ("cell", "base", "new", "new/base [95% CI]", "acc.", "exact", "verdict"):
         table.add_column(name, justify="left" if name in ("cell", "verdict") else "right",
                          no_wrap=name != "verdict", overflow="fold")
+    drafts = sorted({row["draft"] for row in comparison.rows.to_dict("records") if isinstance(row.get("draft"), str)})
     colors = {"ok": "green", "faster": "cyan", "FAIL": "red", "missing in new": "red", "only in new": "yellow"}
     for row in comparison.rows.to_dict("records"):
         get = row.get
         table.add_row(
-            escape(str(get("short") or row["cell"])),
+            escape(str(get("short") or row["cell"])
+                   + (f" d{drafts.index(get('draft')) + 1}" if get("draft") in drafts else "")),
             number(get("base_speedup"), "{:.2f}x"), number(get("new_speedup"), "{:.2f}x"),
             with_interval(get("speedup_ratio"), get("speedup_ratio_low"), get("speedup_ratio_high"), "{:.2f}"),
             changed(number(get("base_acceptance_rate"), "{:.2f}"), number(get("new_acceptance_rate"), "{:.2f}")),
@@ -336,6 +338,7 @@ def format_comparison(comparison: Comparison):
                f"rerun check: {covered}/{total} new/base ratio intervals hold 1.00 (about 95% when nothing changed)"
                if total else "rerun check: nothing to check (no cell has a ratio interval: the same rows, or too "
                              "few to resample)"]
+    caption += [f"d{index + 1}: draft model {escape(name)}" for index, name in enumerate(drafts)]
     table.caption = "\n".join(caption + [f"note: {escape(note)}" for note in comparison.notes])
     table.caption_justify = "left"
     return Group(Text(environment_text(comparison)), table)
