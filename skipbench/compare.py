@@ -209,7 +209,7 @@ def compare_runs(base_dir: Path | str, new_dir: Path | str, *, max_slowdown: flo
     for identity in identities:
         b, n = base.rows.get(identity), new.rows.get(identity)
         label = (b or n)["cell_label"]
-        row = {"cell": label}
+        row = {"cell": label, "short": Cell(*identity).short_label(), "draft": Cell(*identity).draft_model}
         if n is None:
             error = new.errors.get(identity)
             message = f"{label}: in the base run but " + (f"failed in the new run ({error})" if error
@@ -296,6 +296,11 @@ def environment_text(comparison: Comparison) -> str:
     return "\n".join(f"environment differs: {label} {base} -> {new}" for label, base, new in comparison.environment)
 
 
+def changed(base: str, new: str) -> str:
+    """`0.80` when both runs agree, `0.80->0.75` when not."""
+    return new if base == new else f"{base}->{new}"
+
+
 def format_comparison(comparison: Comparison):
     """The runs' environment differences, then a rich Table of the per-cell comparison; problems and notes in
     its caption. User text (cell labels name draft models; run paths) is escaped: rich would read `[...]` in it
@@ -307,27 +312,34 @@ def format_comparison(comparison: Comparison):
 
     status = "[green]OK[/]" if comparison.ok else f"[red]FAIL[/] ({len(comparison.problems)} problems)"
     table = Table(title=f"compare {escape(str(comparison.base_dir))} -> {escape(str(comparison.new_dir))}: {status}",
-                  title_justify="left")
-    for name in ("cell", "speedup base -> new", "ratio", "acceptance", "lossless", "verdict", "reason"):
-        table.add_column(name, justify="left" if name in ("cell", "verdict", "reason") else "right", overflow="fold")
+                  title_justify="left", pad_edge=False)
+    # One line per cell in 80 columns: each failure's reason is printed in full below the table.
+    # base, new: the speedups; acc.: acceptance; exact: lossless (greedy output equal to the baseline's)
+    for name in ("cell", "base", "new", "new/base [95% CI]", "acc.", "exact", "verdict"):
+        table.add_column(name, justify="left" if name in ("cell", "verdict") else "right",
+                         no_wrap=name != "verdict", overflow="fold")
+    drafts = sorted({row["draft"] for row in comparison.rows.to_dict("records") if isinstance(row.get("draft"), str)})
     colors = {"ok": "green", "faster": "cyan", "FAIL": "red", "missing in new": "red", "only in new": "yellow"}
     for row in comparison.rows.to_dict("records"):
         get = row.get
         table.add_row(
-            escape(str(row["cell"])),
-            f"{with_interval(get('base_speedup'), get('base_speedup_low'), get('base_speedup_high'))} -> "
-            f"{with_interval(get('new_speedup'), get('new_speedup_low'), get('new_speedup_high'))}",
-            with_interval(get("speedup_ratio"), get("speedup_ratio_low"), get("speedup_ratio_high"), "{:.3f}"),
-            f"{number(get('base_acceptance_rate'))} -> {number(get('new_acceptance_rate'))}",
-            f"{number(get('base_lossless'), '{:.0%}')} -> {number(get('new_lossless'), '{:.0%}')}",
+            escape(str(get("short") or row["cell"])
+                   + (f" d{drafts.index(get('draft')) + 1}" if get("draft") in drafts else "")),
+            number(get("base_speedup"), "{:.2f}x"), number(get("new_speedup"), "{:.2f}x"),
+            with_interval(get("speedup_ratio"), get("speedup_ratio_low"), get("speedup_ratio_high"), "{:.2f}"),
+            changed(number(get("base_acceptance_rate"), "{:.2f}"), number(get("new_acceptance_rate"), "{:.2f}")),
+            changed(number(get("base_lossless"), "{:.0%}"), number(get("new_lossless"), "{:.0%}")),
             f"[{colors.get(row['verdict'], 'white')}]{row['verdict']}[/]",
-            escape(str(get("reason") or "")),
         )
     mode = "exact counts (CPU float32 greedy)" if comparison.deterministic else "counts with tolerance"
     covered, total = comparison.coverage
-    caption = [f"{mode}; a slowdown fails when the new speedup interval lies below the base interval lowered by "
+    caption = ["base, new: speedups; acc.: acceptance; exact: greedy output equal to the baseline's",
+               f"{mode}; a slowdown fails when the new speedup interval lies below the base interval lowered by "
                f"{comparison.settings.get('max_slowdown', 0):.0%}",
-               f"rerun check: {covered}/{total} new/base ratio intervals hold 1.00 (about 95% when nothing changed)"]
+               f"rerun check: {covered}/{total} new/base ratio intervals hold 1.00 (about 95% when nothing changed)"
+               if total else "rerun check: nothing to check (no cell has a ratio interval: the same rows, or too "
+                             "few to resample)"]
+    caption += [f"d{index + 1}: draft model {escape(name)}" for index, name in enumerate(drafts)]
     table.caption = "\n".join(caption + [f"note: {escape(note)}" for note in comparison.notes])
     table.caption_justify = "left"
     return Group(Text(environment_text(comparison)), table)

@@ -190,23 +190,33 @@ def weight_bytes(config, dtype: torch.dtype) -> int:
     return ModelShape.from_config(config).params().total * dtype_bytes(dtype)
 
 
-def check_memory(name: str, config, dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse, before allocating, a model whose weights do not fit; say what would."""
+def check_memory(name: str, config, dtype: torch.dtype, device: torch.device, others: dict | None = None) -> None:
+    """Refuse, before allocating, a model whose weights do not fit beside `others` (name -> config: the other
+    models the same run loads, counted in full); say what would."""
+    others = others or {}
     available = available_memory(device)
-    need = weight_bytes(config, dtype)
+    need = sum(weight_bytes(each, dtype) for each in (config, *others.values()))
     if available is None or need <= MEMORY_SHARE * available:
         return
     room = MEMORY_SHARE * available
     fits = []
-    if dtype == torch.float32 and weight_bytes(config, torch.bfloat16) <= room:
-        fits.append(f"--dtype bfloat16 ({weight_bytes(config, torch.bfloat16) / 1e9:.1f} GB)")
+    halved = sum(weight_bytes(each, torch.bfloat16) for each in (config, *others.values()))
+    if dtype == torch.float32 and halved <= room:
+        fits.append(f"--dtype bfloat16 ({halved / 1e9:.1f} GB)")
+    rest = need - weight_bytes(config, dtype)  # the other models stay: a smaller target must fit beside them
     sizes = {preset: weight_bytes(LlamaConfig(**shape), dtype) for preset, shape in PRESETS.items() if preset != "tiny"}
-    smaller = sorted((size, preset) for preset, size in sizes.items() if size <= room)[::-1][:2]
-    fits += [f"synthetic:{preset} ({size / 1e9:.1f} GB)" for size, preset in smaller]
+    smaller = sorted((size, preset) for preset, size in sizes.items() if size + rest <= room)[::-1][:2]
+    fits += [f"synthetic:{preset} ({size / 1e9:.1f} GB)" for size, preset in smaller] if not others else []
+    if others and need - rest <= room:
+        fits.append(f"{name} alone ({(need - rest) / 1e9:.1f} GB), without {', '.join(others)}")
     what = "GPU memory" if device.type == "cuda" else "memory"
     advice = f"what fits: {', '.join(fits)}" if fits else "no preset fits; try synthetic:tiny or fewer layers=N"
-    raise ModelError(f"{name} needs {need / 1e9:.1f} GB for its {str(dtype).removeprefix('torch.')} weights but "
-                     f"{available / 1e9:.1f} GB of {what} is available; {advice}")
+    if others and not fits:
+        advice = f"in bfloat16 they need {halved / 1e9:.1f} GB: choose smaller models or fewer draft models"
+    who = f"{name} with {', '.join(others)} need" if others else f"{name} needs"
+    raise ModelError(f"{who} {need / 1e9:.1f} GB for {'their' if others else 'its'} "
+                     f"{str(dtype).removeprefix('torch.')} weights but {available / 1e9:.1f} GB of {what} is "
+                     f"available; {advice}")
 
 
 def build_synthetic(name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:

@@ -50,16 +50,19 @@ class PromptSet:
         return info
 
 
-def build_prompts(setup: Setup, tokenizer, max_positions: int | None = None,
-                  answer: Callable[[list[int], int, tuple[str, ...]], str] | None = None) -> PromptSet:
-    """Load the dataset (or take the --prompt texts), apply the template and tokenise.
+@dataclass
+class Examples:
+    """A run's prompt texts before tokenising: loaded before any model, so a bad prompt set costs nothing."""
 
-    A later turn of a multi-turn task (`spec_bench:multi_turn`) continues the model's own answers to the
-    earlier turns: `answer(token_ids, max_new_tokens, stop_sequences)` writes them (greedily, once), here.
+    examples: list[tasks.Example]
+    task: tasks.TaskData | None
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...]
+    notes: list[str]
 
-    A prompt that, with the tokens to generate, would not fit the model's positions is refused: past
-    `max_position_embeddings` a model's output means nothing, yet decoding would go on without a sign.
-    """
+
+def load_examples(setup: Setup) -> Examples:
+    """Load the dataset (or take the --prompt texts) and apply the template; an empty set is refused."""
     notes = []
     if setup.dataset is None:
         texts = [setup.template.replace("{prompt}", text) if setup.template else text for text in setup.prompts]
@@ -77,8 +80,23 @@ def build_prompts(setup: Setup, tokenizer, max_positions: int | None = None,
         if setup.num_samples is not None and setup.num_samples > len(examples):
             notes.append(f"note: --num-samples {setup.num_samples} but {setup.dataset} has {len(examples)} "
                          f"examples: decoding all {len(examples)}")
-    max_new_tokens = setup.max_new_tokens or max_new
-    stops = tuple(setup.stop_sequences) if setup.stop_sequences is not None else tuple(stops)
+    return Examples(examples, task, max_new, tuple(stops), notes)
+
+
+def build_prompts(setup: Setup, tokenizer, max_positions: int | None = None, loaded: Examples | None = None,
+                  answer: Callable[[list[int], int, tuple[str, ...]], str] | None = None) -> PromptSet:
+    """Tokenise the prompt set (`loaded`, else loaded here).
+
+    A later turn of a multi-turn task (`spec_bench:multi_turn`) continues the model's own answers to the
+    earlier turns: `answer(token_ids, max_new_tokens, stop_sequences)` writes them (greedily, once), here.
+
+    A prompt that, with the tokens to generate, would not fit the model's positions is refused: past
+    `max_position_embeddings` a model's output means nothing, yet decoding would go on without a sign.
+    """
+    loaded = loaded or load_examples(setup)
+    examples, task, notes = loaded.examples, loaded.task, list(loaded.notes)
+    max_new_tokens = setup.max_new_tokens or loaded.max_new_tokens
+    stops = tuple(setup.stop_sequences) if setup.stop_sequences is not None else loaded.stop_sequences
     needed = {earlier for example in examples for earlier in example.extra.get("previous", ())}
     if needed and answer is None:
         raise tasks.TaskError(f"{setup.dataset}: later turns continue the model's earlier answers, and no model "

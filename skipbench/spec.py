@@ -45,6 +45,16 @@ class Cell:
             parts.append(f"(replica {self.replica})")
         return " ".join(parts)
 
+    def short_label(self) -> str:
+        """The name in a few characters, for narrow terminals: `self E=8 K=4`, `2-model K=4 hf`, `AR control`."""
+        parts = [self.method.short]
+        parts += [f"E={self.exit_layer}"] if self.exit_layer is not None else []
+        parts += [f"K={self.num_speculations}"] if self.num_speculations is not None else []
+        parts += [self.backend] if self.backend != "native" else []
+        if self.replica:
+            parts.append("control" if not self.method.speculates else f"#{self.replica + 1}")
+        return " ".join(parts)
+
     @property
     def method(self) -> methods.Method:
         return methods.method_for(self.strategy, self.backend)

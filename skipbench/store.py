@@ -102,6 +102,7 @@ class RunStore:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise UserError(f"{path} cannot be read ({type(error).__name__}); the run directory is damaged") from None
+        check_manifest(manifest, path)
         version = manifest.get("schema_version", 1)
         if version != SCHEMA_VERSION:
             raise UserError(f"{self.root} was written by an older skipbench (records schema {version}, this one "
@@ -278,6 +279,30 @@ class RunStore:
             write_atomic(path, "".join(json.dumps(row, default=_plain) + "\n" for row in kept).encode())
         else:
             path.unlink(missing_ok=True)
+
+
+# The manifest's fields skipbench reads, with the JSON type each must have where present (null is absent).
+MANIFEST_SHAPE = {"schema_version": int, "setup": dict, "cells": list, "models": dict, "prompts": dict,
+                  "provenance": dict, "groups": dict, "launch": dict}
+MANIFEST_PARTS = {("models", "target"): dict, ("models", "drafts"): dict, ("prompts", "prompts"): int,
+                  ("prompts", "prompt_set_hash"): str, ("provenance", "dtype"): str, ("setup", "model"): str}
+JSON_NAMES = {dict: "an object", list: "a list", int: "a whole number", str: "a string"}
+
+
+def check_manifest(manifest, path: Path) -> None:
+    """Refuse, in one line, a manifest that is valid JSON of another shape than skipbench writes."""
+    damaged = "; the run directory is damaged"
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} must be an object, not {type(manifest).__name__}{damaged}")
+    fields = [((name,), manifest.get(name), kind) for name, kind in MANIFEST_SHAPE.items()]
+    fields += [(where, (manifest.get(where[0]) or {}).get(where[1]) if isinstance(manifest.get(where[0]), dict)
+                else None, kind) for where, kind in MANIFEST_PARTS.items()]
+    fields += [(("cells", str(index)), cell, dict) for index, cell in enumerate(manifest.get("cells") or [])
+               if isinstance(manifest.get("cells"), list)]
+    for where, value, kind in fields:
+        if value is not None and (not isinstance(value, kind) or kind is int and isinstance(value, bool)):
+            raise UserError(f"{path}: {'.'.join(where)} must be {JSON_NAMES[kind]}, not "
+                            f"{type(value).__name__}{damaged}")
 
 
 def _plain(value):

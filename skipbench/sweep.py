@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from skipbench import calibrate, machine, spec
+from skipbench import calibrate, machine, models, spec
 from skipbench.decoding.layers import DecoderStack, EngineError
 from skipbench.errors import UserError
 from skipbench.measure import CellRunner, Progress, measure_group
 from skipbench.methods import BuildContext, compiled_backend
 from skipbench.models import LoadedModel, check_vocab_match, load_model, num_layers_of, resolve_device
-from skipbench.prompts import PromptSet, build_prompts, greedy_answerer
+from skipbench.prompts import PromptSet, build_prompts, greedy_answerer, load_examples
 from skipbench.spec import Cell, Setup, SpecError, cell_key
 from skipbench.store import RunStore, manifest_for
 
@@ -107,6 +107,35 @@ class Loaded:
                                        self.context)
 
 
+def config_of(name: str):
+    """A model's config without its weights when that is cheap (synthetic, smollm2-135m, a local directory)."""
+    if name.startswith("synthetic:"):
+        return models.synthetic_config(name)
+    if name == "smollm2-135m":
+        return models.LlamaConfig(**models.PRESETS["smollm2-135m"])
+    if (Path(name).expanduser() / "config.json").is_file():
+        try:
+            return models.pretrained_config(name)
+        except models.ModelError:
+            return None  # loading it will say what is wrong
+    return None
+
+
+def check_run_memory(names: list[str], dtype: str, device: str) -> None:
+    """Refuse a run whose models (the target and every draft) do not fit together, before loading any."""
+    configs = {name: config_of(name) for name in dict.fromkeys(names)}
+    known = {name: config for name, config in configs.items() if config is not None}
+    if len(known) < 2:
+        return  # one model: loading it checks it
+    torch_device = resolve_device(device)
+    first, *rest = known
+    try:
+        models.check_memory(first, known[first], models.resolve_dtype(dtype, torch_device), torch_device,
+                     others={name: known[name] for name in rest})
+    except (TypeError, AttributeError, ValueError):  # a config of another shape: loading will tell
+        return
+
+
 def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
              loader: Callable[..., LoadedModel] = load_model) -> Loaded:
     """Load what measuring `cells` needs on this process's device: the target and every draft model (once),
@@ -116,13 +145,16 @@ def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
     if setup.device != "cuda" and not setup.device.startswith("cuda:"):
         torch.set_num_threads(threads)
     before = machine.state(threads)  # before our own loading adds to the load average
+    examples = load_examples(setup)  # an empty or unreadable prompt set is refused before any model loads
+    check_run_memory([setup.model, *(cell.draft_model for cell in cells if cell.draft_model)], setup.dtype,
+                     setup.device)  # every model the run loads, together
     target = loader(setup.model, dtype=setup.dtype, device=setup.device)
     drafts: dict[str, LoadedModel] = {}
     for name in sorted({cell.draft_model for cell in cells if cell.draft_model}):
         drafts[name] = loader(name, dtype=setup.dtype, device=setup.device)
         check_vocab_match(target, drafts[name])
     refuse_unsupported(cells, target, drafts)
-    prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions,
+    prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions, loaded=examples,
                                answer=greedy_answerer(target.model, target.tokenizer))
     lengths = sorted(len(prompt.token_ids) for prompt in prompt_set.prompts)
     sizes = calibrate.block_sizes(lengths[-1], max(cell.num_speculations or 0 for cell in cells))
@@ -232,6 +264,11 @@ def plan(sweep_file: str | None, setup_options: dict, grid_options: dict, out: P
     skipbench's engine compiled (`methods.compiled_backend`)."""
     loaded = spec.load_sweep_file(sweep_file) if sweep_file else default_file
     given = {key: value for key, value in setup_options.items() if value is not None}
+    loaded = replace(loaded, setup=dict(loaded.setup), grid=dict(loaded.grid))  # the caller's stays as it was
+    if sweep_file is None and (given.get("dataset") or given.get("prompts")):
+        # The default sweep's prompt count, lengths and stops were chosen for its task: another task (or
+        # --prompt texts) takes its own defaults wherever the command line says nothing.
+        loaded.setup = {key: value for key, value in loaded.setup.items() if key == "model"}
     # A file's `dataset` may list several tasks; --dataset (repeatable) or --prompt replaces it.
     file_tasks = loaded.setup.pop("dataset", None)
     datasets = given.pop("dataset", None)

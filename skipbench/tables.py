@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from skipbench.intervals import MIN_UNITS
-from skipbench.spec import Cell
+from skipbench.spec import Cell, baseline_of
 from skipbench.store import RunStore
 from skipbench.summary import device_slug, load_summary, run_devices
 from skipbench.verdicts import beats_verdict
@@ -73,7 +73,20 @@ def number(value, pattern: str = "{:.3f}") -> str:
 
 
 def strategy_label(row) -> str:
-    return row["strategy"] if row["backend"] == "native" else f"{row['strategy']} ({row['backend']})"
+    name = row["strategy"] if row["backend"] == "native" else f"{row['strategy']} ({row['backend']})"
+    return f"{name} A/A control" if not missing(row.get("replica")) and row.get("replica") else name
+
+
+def speedup_versus(summary: pd.DataFrame) -> list[str]:
+    """What each row's speedup divides by: "-" for a baseline itself, else that baseline's strategy label
+    (the baselines of one table may differ: another backend's autoregressive divides by the native one)."""
+    cells = [Cell.from_record(row) for row in summary.to_dict("records")]
+    versus = []
+    for cell in cells:
+        base = baseline_of(cell, cells)
+        versus.append("-" if base is None or base == cell else strategy_label(
+            {"strategy": base.strategy, "backend": base.backend, "replica": base.replica}))
+    return versus
 
 
 def draft_or_exit(row) -> str:
@@ -102,7 +115,7 @@ def efficiency_table(summary: pd.DataFrame, manifest: dict) -> tuple[pd.DataFram
     quality = [c for c in summary.columns if c.startswith("quality_")]
     text, numbers = [], []
     model = model_label(manifest)
-    for row in summary.to_dict("records"):
+    for row, versus in zip(summary.to_dict("records"), speedup_versus(summary), strict=True):
         k = None if missing(row["num_speculations"]) else int(row["num_speculations"])
         common = {"model": model, "strategy": strategy_label(row), "draft / exit": draft_or_exit(row)}
         numbers.append(common | {
@@ -113,7 +126,7 @@ def efficiency_table(summary: pd.DataFrame, manifest: dict) -> tuple[pd.DataFram
             "tokens/s": row["tokens_per_s"], "tokens/s low": row["tokens_per_s_low"],
             "tokens/s high": row["tokens_per_s_high"],
             "speedup vs autoregressive": row["speedup"], "speedup low": row["speedup_low"],
-            "speedup high": row["speedup_high"], "speedup units": row.get("speedup_units"),
+            "speedup high": row["speedup_high"], "vs": versus, "speedup units": row.get("speedup_units"),
             "speedup width over prompts": row.get("speedup_width_prompts"),
             "speedup width over rounds": row.get("speedup_width_rounds"),
             "acceptance": row["acceptance_rate"], "acceptance low": row.get("acceptance_rate_low"),
@@ -129,6 +142,7 @@ def efficiency_table(summary: pd.DataFrame, manifest: dict) -> tuple[pd.DataFram
             "tokens/s": with_interval(row["tokens_per_s"], row["tokens_per_s_low"], row["tokens_per_s_high"],
                                       "{:.1f}"),
             "speedup vs autoregressive": speedup_text(row),
+            "vs": versus,
             "acceptance": number(row["acceptance_rate"]),
             "tokens per step": number(row["tokens_per_step"], "{:.2f}"),
             "lossless (greedy)": number(row["lossless"], "{:.0%}"),

@@ -145,9 +145,9 @@ def _speedup_text(row) -> str:
     return f"{point:.2f}x [{low:.2f}, {high:.2f}]"
 
 
-def report_lines(summary: pd.DataFrame, collapse: int = 4) -> list[str]:
+def report_lines(summary: pd.DataFrame, collapse: int = 4, where: str = "tables/efficiency.md") -> list[str]:
     """What to print under a run's table: the best-cell lines, then the warnings, a kind that `collapse` or
-    more cells share in one line (which cells: tables/efficiency.md), the others one per cell."""
+    more cells share in one line (which cells: `where`, the table that lists them), the others one per cell."""
     lines = best_lines(summary)
     records = summary.to_dict("records") if not summary.empty else []
     by_kind: dict[str, list[tuple[str, str]]] = {}
@@ -160,8 +160,8 @@ def report_lines(summary: pd.DataFrame, collapse: int = 4) -> list[str]:
             if name == "busy":
                 rows = int(summary["preempted_rows"].sum())
                 extra = f" ({rows} of {int(summary['rows'].sum())} generations)"
-            lines.append(f"warning: {name}: {len(found)} of {len(records)} cells{extra} (tables/efficiency.md "
-                         f"lists them): {ADVICE[name]}")
+            lines.append(f"warning: {name}: {len(found)} of {len(records)} cells{extra} ({where} lists them): "
+                         f"{ADVICE[name]}")
         else:
             lines += [f"warning {label}: {warning}" for label, warning in found]
     return lines

@@ -114,8 +114,13 @@ CASES = [
     Case("cuda-index-on-cpu-build", run("-p", "x", "-e", "1", "--device", "cuda:0"), "--device cuda:0",
          skip="CUDA is available here" if CUDA else None),
     Case("cuda-bad-index", run("-p", "x", "-e", "1", "--device", "cuda:99"), "--device cuda:99"),
-    Case("benchmark-too-big-for-memory", ("benchmark", "--out", "{out}"), "--dtype bfloat16",
-         patch={"skipbench.models.available_memory": lambda device: 24 * 10**9}),
+    Case("benchmark-too-big-for-memory", ("benchmark", "--out", "{out}"), "is available; what fits: --dtype "
+         "bfloat16 (21.7 GB)", patch={"skipbench.models.available_memory": lambda device: 26 * 10**9}),
+    # the target alone would fit in bfloat16 (16.1 GB), but not with its draft (5.6 GB more): bfloat16 is no advice
+    Case("benchmark-target-and-draft-too-big", ("benchmark", "--out", "{out}"), "synthetic:llama3-8b?agree=8 with "
+         "synthetic:llama3-8b?agree=8&layers=8 need 43.3 GB for their float32 weights but 20.0 GB of memory is "
+         "available; in bfloat16 they need 21.7 GB",
+         patch={"skipbench.models.available_memory": lambda device: 20 * 10**9}),
     Case("benchmark-too-big-anywhere", ("benchmark", "--model", "synthetic:llama2-70b", "--draft-model", "",
                                         "--out", "{out}"), "needs 275.9 GB"),
     Case("benchmark-bad-exits", ("benchmark", "--exits", "x", "--out", "{out}"), "cannot read 'x'"),
@@ -147,6 +152,9 @@ CASES = [
     Case("dataset-offline", run("-e", "1", "--dataset", "cnn_dm"), "cnn_dm"),
     Case("dataset-unknown", run("-e", "1", "--dataset", "nope"), "nope"),
     Case("dataset-jsonl-missing", run("-e", "1", "--dataset", "jsonl:/no/such.jsonl"), "/no/such.jsonl"),
+    Case("dataset-jsonl-empty", run("-e", "1", "--dataset", "jsonl:{data:empty.jsonl}"), "holds no examples"),
+    Case("dataset-jsonl-blank-lines", run("-e", "1", "--dataset", "jsonl:{data:blank.jsonl}"), "holds no examples"),
+    Case("data-dir-empty-file", run("-e", "1", "--dataset", "topv2", "--data-dir", "{data:}"), "holds no examples"),
     Case("threads-not-a-number", run("-p", "x", "-e", "1", "--threads", "abc"), "Invalid value for '--threads'",
          usage=True),
     # ------------------------------------------------------------------ run directories
@@ -192,6 +200,12 @@ CASES = [
     Case("report-empty-run", ("report", "{empty}"), "holds no finished cells"),
     Case("report-old-schema", ("report", "{old}"), "older skipbench"),
     Case("report-damaged-manifest", ("report", "{damaged}"), "cannot be read"),
+    Case("report-setup-a-list", ("report", "{badsetup}"), "manifest.json: setup must be an object"),
+    Case("report-prompts-a-string", ("report", "{badprompts}"), "manifest.json: prompts must be an object"),
+    Case("report-manifest-a-list", ("report", "{badtop}"), "manifest.json must be an object"),
+    Case("sweep-into-setup-a-list", (*SWEEP, "-o", "{badsetup}"), "manifest.json: setup must be an object"),
+    Case("sweep-into-prompts-a-string", (*SWEEP, "-o", "{badprompts}"), "manifest.json: prompts must be an object"),
+    Case("compare-cells-a-dict", ("compare", "{badcells}", "{run}"), "manifest.json: cells must be a list"),
     Case("report-labels-mismatch", ("report", "{run}", "--overlay", "{other}", "--labels", "only-one"),
          "--labels gives 1 labels for 2 runs"),
     Case("report-missing-argument", ("report",), "Missing argument", usage=True),
@@ -238,6 +252,15 @@ def stored(tmp_path_factory):
     (root / "old" / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1}))
     shutil.copytree(root / "run", root / "damaged")
     (root / "damaged" / "manifest.json").write_text('{"schema_version": 2, "setup": ')
+    for name, change in [("badsetup", {"setup": [1, 2]}), ("badprompts", {"prompts": "x"}), ("badtop", None),
+                         ("badcells", {"cells": {"a": 1}})]:  # valid JSON of the wrong shape
+        shutil.copytree(root / "run", root / name)
+        wrong = [1, 2] if change is None else {**manifest, "schema_version": 2, **change}
+        (root / name / "manifest.json").write_text(json.dumps(wrong))
+    (root / "data" / "topv2").mkdir(parents=True)
+    (root / "data" / "topv2" / "test.jsonl").write_text("")
+    (root / "data" / "empty.jsonl").write_text("")
+    (root / "data" / "blank.jsonl").write_text("\n  \n\t\n")
     make_gpt2(root / "gpt2")
     assert RunStore(root / "run").has_cells()
     return root
@@ -279,7 +302,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, stored, tmp_path
     work = tmp_path / "work"
     work.mkdir()
     paths = {"out": work / "out", "gpt2": stored / "gpt2"}
-    for name in ("run", "other", "empty", "old", "damaged"):
+    paths |= {f"data:{path.name}": path for path in (stored / "data").iterdir()} | {"data:": stored / "data"}
+    for name in ("run", "other", "empty", "old", "damaged", "badsetup", "badprompts", "badtop", "badcells"):
         paths[name] = work / name
         shutil.copytree(stored / name, paths[name])
     for name, text in SWEEP_FILES.items():

@@ -176,3 +176,87 @@ def test_report_on_a_run_with_an_hf_static_cell(tmp_path):
     report = invoke("report", tmp_path)
     assert report.exit_code == 0, report.output
     assert "hf_static" in (tmp_path / "tables" / "efficiency.md").read_text()
+
+
+@pytest.mark.parametrize("given", [dict(dataset=["topv2"]), dict(prompts=("x",))])
+def test_a_sweep_without_a_file_takes_the_tasks_defaults_not_the_default_sweeps(given):
+    from skipbench import sweep as sweeping
+    from skipbench.cli.runs import DEFAULT_SWEEP
+
+    plan = sweeping.plan(None, dict(given), {}, None, DEFAULT_SWEEP)
+    assert plan.tasks == given.get("dataset", [])
+    # None: the task's own (topv2: 64 new tokens, stop at the newline, every example); --prompt: 128 tokens
+    assert (plan.setup.num_samples, plan.setup.max_new_tokens, plan.setup.stop_sequences) == (None, None, None)
+    # the default sweep itself keeps its choices
+    default = sweeping.plan(None, {}, {}, None, DEFAULT_SWEEP)
+    assert default.tasks == ["humaneval"] and default.setup.num_samples == 3 and default.setup.max_new_tokens == 48
+    assert DEFAULT_SWEEP.setup["dataset"] == "humaneval"  # not consumed by planning
+
+
+COMMANDS = ["run", "sweep", "report", "compare", "datasets", "roofline", "benchmark", "train"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_names_every_value_plainly_and_explains_every_option(command):
+    import re
+
+    import typer
+
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    assert "<list[" not in result.output, result.output
+    # "{prompt}" is what --template's user types; any other {name} is a placeholder leaking out
+    assert not [name for name in re.findall(r"\{(\w+)\}", result.output) if name != "prompt"], result.output
+    options = typer.main.get_command(app).commands[command].params
+    silent = [param.opts[0] for param in options if param.param_type_name == "option" and not param.help]
+    assert silent == [], f"{command}: options without help: {silent}"
+    if command == "datasets":
+        assert "see skipbench datasets" not in " ".join(result.output.split())  # it does not point to itself
+
+
+def test_runs_warning_points_only_to_tables_that_exist(tmp_path, monkeypatch):
+    import skipbench.summary
+
+    monkeypatch.setattr(skipbench.summary, "NOISY", -1.0)  # every cell noisy
+    result = invoke("run", "--model", TINY, "-e", 1, "-k", 2, "-p", "hi", "--max-new-tokens", 4, "--warmup", 0,
+                    "--threads", 1, "--repeats", 2, "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "wider than" in text
+    assert "tables/efficiency.md" not in text or (tmp_path / "r" / "tables" / "efficiency.md").is_file(), text
+
+
+def test_the_console_summary_says_which_baseline_each_speedup_divides_by(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).parent.parent / "results" / "ci-smoke", tmp_path / "ci-smoke")
+    result = runner.invoke(app, ["report", str(tmp_path / "ci-smoke")], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "speedups divide by AR, * by AR hf" in lines
+    rows = {line.split("│")[1].strip(): line for line in lines if line.count("│") >= 6}
+    assert rows["AR hf"].split("│")[3].strip().endswith("]")  # native-engine baseline: unmarked
+    assert rows["AR hf control"].split("│")[3].strip().endswith("]*")
+    assert rows["self E=2 K=4 hf"].split("│")[3].strip().endswith("]*")
+    assert "AR #2" not in result.output and "AR control" in rows
+
+
+def test_report_compare_and_datasets_fit_80_columns(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    monkeypatch.delenv("SKIPBENCH_DATA_DIR", raising=False)
+    run = tmp_path / "ci-smoke"
+    shutil.copytree(Path(__file__).parent.parent / "results" / "ci-smoke", run)
+    for args in (["report", run], ["compare", run, run], ["datasets"]):
+        result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        wide = [line for line in result.output.splitlines() if len(line) > 80]
+        assert wide == [], f"{args[0]}: {wide}"
+        assert "…" not in result.output, result.output  # nothing cut short
+        if args[0] == "compare":
+            assert "0/0" not in result.output and "nothing to check" in result.output
+            assert len([line for line in result.output.splitlines() if line.startswith("│")]) == 20  # a line a cell
+        if args[0] == "report":
+            assert "|:---" not in result.output and "(efficiency.md: every column)" in " ".join(result.output.split())

@@ -194,6 +194,25 @@ def test_ctrl_c_mid_sweep_exits_130_with_how_to_resume_and_the_rerun_completes(t
     assert_kept(frame, journaled)
 
 
+def test_sigterm_mid_sweep_is_handled_like_ctrl_c_exit_143(tmp_path):
+    """Slurm sends SIGTERM at preemption and at the time limit: finished work kept, one line, lock released."""
+    out = tmp_path / "run"
+    process = start(out, gate=6)
+    wait_for_journal(process, out, 5)
+    process.send_signal(signal.SIGTERM)
+    code, _, stderr = finish(process, timeout=60)
+    assert code == 143, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("terminated (SIGTERM): finished work is kept; rerun the same "
+                                               "command to resume")
+    assert not (out / ".lock").exists()
+    journaled = journal(out)
+    assert len(journaled) == 5
+    code, _, stderr = finish(start(out))
+    assert code == 0, stderr
+    assert_kept(assert_complete_and_unmixed(out), journaled)
+
+
 def test_ctrl_c_after_a_force_restart_says_to_resume_without_force(tmp_path):
     out = tmp_path / "run"
     process = start(out, "--force", gate=3)
@@ -261,6 +280,20 @@ def test_a_damaged_cell_file_is_set_aside_recomputed_and_not_mixed(finished, tmp
     assert set(recomputed["cell_key"]) == {victim.stem} and len(recomputed) == len(PROMPTS) * REPEATS
     assert {path: path.stat().st_mtime_ns for path in untouched} == untouched  # the other cells were kept
     assert len(frame) >= GENERATIONS
+
+
+def test_report_names_a_cell_that_lacks_a_prompts_rows_and_how_to_finish_it(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    frame = cells(out)
+    key = list(dict.fromkeys(frame[frame["strategy"] == "self_speculative"]["cell_key"]))[0]
+    label = frame.loc[frame["cell_key"] == key, "cell_label"].iloc[0]
+    rows = pd.read_parquet(out / "cells" / f"{key}.parquet")
+    rows[rows["prompt_index"] != 1].to_parquet(out / "cells" / f"{key}.parquet")
+    result = runner.invoke(app, ["report", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if label in line and "incomplete" in line]
+    assert warned and "2 of 3 prompts" in warned[0] and "rerun" in warned[0], result.output
 
 
 @pytest.mark.parametrize("how", DAMAGES)

@@ -106,3 +106,18 @@ def test_plots_are_written_as_images(real_run, tmp_path):
     assert [path.suffix for path in written] == [".png", ".pdf"]
     with pytest.raises(ValueError, match="labels"):
         overlay([summary, summary], ["one"], tmp_path / "x")
+
+
+def test_each_speedup_says_what_it_divides_by_and_the_control_is_labelled_a_control():
+    """ci-smoke: `AR hf` divides by native autoregressive, its A/A control by `AR hf`; say so per row."""
+    from pathlib import Path
+
+    from skipbench.tables import efficiency_table
+
+    summary, manifest = load_summary(Path(__file__).parent.parent / "results" / "ci-smoke")
+    text, numbers = efficiency_table(summary, manifest)
+    rows = {(row["strategy"], row["draft / exit"], row["K"]): row["vs"] for row in text.to_dict("records")}
+    assert rows[("autoregressive", "-", "-")] == "-"  # the baseline itself
+    assert rows[("autoregressive (hf)", "-", "-")] == "autoregressive"
+    assert rows[("autoregressive (hf) A/A control", "-", "-")] == "autoregressive (hf)"
+    assert list(numbers["vs"]) == list(text["vs"])

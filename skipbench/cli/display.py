@@ -81,22 +81,13 @@ class RichProgress(ConsoleBar):
 
 def short_label(cell: Cell) -> str:
     """A cell's name in a few characters, for narrow terminals: `self E=8 K=4`, `2-model K=4 hf`."""
-    parts = [cell.method.short]
-    if cell.exit_layer is not None:
-        parts.append(f"E={cell.exit_layer}")
-    if cell.num_speculations is not None:
-        parts.append(f"K={cell.num_speculations}")
-    if cell.backend != "native":
-        parts.append(cell.backend)
-    if cell.replica:
-        parts.append(f"#{cell.replica + 1}")
-    return " ".join(parts)
+    return cell.short_label()
 
 
-def print_summary(store: RunStore, device: str | None = None) -> None:
+def print_summary(store: RunStore, device: str | None = None, report: bool = False) -> None:
     """The run's cells in the order asked for; fits an 80-column terminal. Failed cells and warnings after.
     A run timed on several devices gets a table per device: times are never pooled across devices."""
-    from skipbench.spec import Cell
+    from skipbench.spec import Cell, baseline_of
     from skipbench.summary import load_summary, run_devices
     from skipbench.tables import number, speedup_text
     from skipbench.verdicts import report_lines
@@ -105,7 +96,7 @@ def print_summary(store: RunStore, device: str | None = None) -> None:
     if len(devices) > 1:
         out.print(escape(f"rows timed on {len(devices)} devices: one table per device"), soft_wrap=True)
         for name in devices:
-            print_summary(store, name)
+            print_summary(store, name, report)
         for error in store.errors():
             out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}", soft_wrap=True)
         return
@@ -114,20 +105,29 @@ def print_summary(store: RunStore, device: str | None = None) -> None:
     title = f"{target.get('name')}{' (SYNTHETIC weights)' if target.get('synthetic') else ''}: {store.root}"
     title += f" on {device}" if device else ""
     table = Table(title=escape(title), title_justify="left", pad_edge=False)
+    cells = [Cell.from_record(row) for row in summary.to_dict("records")]
+    bases = [baseline_of(cell, cells) for cell in cells]
+    # Which baseline each speedup divides by: the first (native) one unmarked, each other one with a mark.
+    others = [base for base in dict.fromkeys(bases) if base is not None][1:]
+    marks = {base: "*†‡§"[index] if index < 4 else f"({index + 1})" for index, base in enumerate(others)}
     for name in ("cell", "tok/s", "speedup [95% CI]", "accept", "tok/step", "lossless"):
         table.add_column(name, justify="left" if name == "cell" else "right", no_wrap=True)
     drafts = sorted({row["draft_model"] for row in summary.to_dict("records") if isinstance(row["draft_model"], str)})
-    for row in summary.to_dict("records"):
-        cell = Cell.from_record(row)
+    for row, cell, base in zip(summary.to_dict("records"), cells, bases, strict=True):
         label = short_label(cell) + (f" d{drafts.index(cell.draft_model) + 1}" if cell.draft_model else "")
         table.add_row(escape(label), number(row["tokens_per_s"], "{:.1f}"),
-                      speedup_text(row),
+                      speedup_text(row) + marks.get(base, ""),
                       number(row["acceptance_rate"], "{:.2f}"), number(row["tokens_per_step"], "{:.2f}"),
                       number(row["lossless"], "{:.0%}"))
     out.print(table)
+    if marks:
+        first = next(base for base in bases if base is not None)
+        out.print(escape(f"speedups divide by {short_label(first)}, " + ", ".join(
+            f"{mark} by {short_label(base)}" for base, mark in marks.items())))
     for index, name in enumerate(drafts):
         out.print(escape(f"d{index + 1}: draft model {name}"), soft_wrap=True)
-    for line in report_lines(summary):
+    where = "tables/efficiency.md" if report else f"skipbench report {store.root}"
+    for line in report_lines(summary, where=where):
         out.print(escape(line), soft_wrap=True)
     for error in store.errors() if device is None else []:
         out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}", soft_wrap=True)

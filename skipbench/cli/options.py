@@ -6,7 +6,7 @@ import typer
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Hub id, local dir, synthetic:<preset>[?agree=E&layers=N&seed=S], "
                         "or smollm2-135m (default).")
-PromptOpt = typer.Option(None, "--prompt", "-p", help="A prompt text (repeatable).")
+PromptOpt = typer.Option(None, "--prompt", "-p", metavar="<str>", help="A prompt text (repeatable).")
 NumSamplesOpt = typer.Option(None, "--num-samples", "-n", help="Prompts to take (seeded choice).")
 SeedOpt = typer.Option(None, "--seed", help="Seed for prompt choice and sampling (default 0).")
 NShotOpt = typer.Option(None, "--n-shot", help="Solved examples prepended (cnn_dm).")
@@ -14,10 +14,11 @@ TemplateOpt = typer.Option(None, "--template", help='Wrap every prompt, e.g. "[I
 MaxPromptOpt = typer.Option(None, "--max-prompt-tokens", help="Longest prompt in tokens.")
 PolicyOpt = typer.Option(None, "--prompt-policy", help="Longer prompts: 'left' cuts from the left (default), "
                          "'refuse' fails.")
-DataDirOpt = typer.Option(None, "--data-dir", envvar="SKIPBENCH_DATA_DIR",
-                          help="Local copies of the datasets: DIR/<task>/<split>.jsonl (see skipbench datasets).")
+DATA_DIR_HELP = "Local copies of the datasets: DIR/<task>/<split>.jsonl"
+DataDirOpt = typer.Option(None, "--data-dir", envvar="SKIPBENCH_DATA_DIR", help=f"{DATA_DIR_HELP} (see skipbench "
+                          f"datasets).")
 MaxNewOpt = typer.Option(None, "--max-new-tokens", help="Tokens to generate (default: the task's; 128 for --prompt).")
-StopOpt = typer.Option(None, "--stop", help="A stop sequence (repeatable; default: the task's).")
+StopOpt = typer.Option(None, "--stop", metavar="<str>", help="A stop sequence (repeatable; default: the task's).")
 SampleOpt = typer.Option(None, "--sample/--greedy", help="Sample instead of greedy decoding (default greedy).")
 TemperatureOpt = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0).")
 TopPOpt = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 1.0).")

@@ -13,17 +13,18 @@ from rich.table import Table
 from skipbench import spec
 from skipbench.cli.core import app, handled, out
 from skipbench.cli.display import RichProgress
-from skipbench.cli.options import DataDirOpt, RepeatsOpt, ThreadsOpt
+from skipbench.cli.options import DATA_DIR_HELP, RepeatsOpt, ThreadsOpt
 
 
 @app.command()
-def datasets(data_dir: str = DataDirOpt) -> None:
+def datasets(data_dir: str = typer.Option(None, "--data-dir", envvar="SKIPBENCH_DATA_DIR",
+                                          help=f"{DATA_DIR_HELP}: where to look.")) -> None:
     """List the tasks, where each comes from, and whether it is available right now."""
     from skipbench.tasks import available_tasks
 
     table = Table(title="skipbench datasets")
-    for name in ("task", "source", "available", "where / how"):
-        table.add_column(name)
+    for name in ("task", "source", "available", "where / how"):  # a path folds over lines, never cut short
+        table.add_column(name, overflow="fold", ratio=3 if name == "where / how" else None)
     for task in available_tasks(data_dir):
         table.add_row(escape(task["name"]), escape(task["source"]), "yes" if task["available"] else "no",
                       escape(task["where"] if task["available"] else task["how"]))
@@ -55,16 +56,23 @@ def roofline(device: str = typer.Option("auto", "--device", help="auto, cpu or c
 
 @app.command()
 def benchmark(
-    model: str = typer.Option("synthetic:llama3-8b?agree=8", "--model", "-m"),
+    model: str = typer.Option("synthetic:llama3-8b?agree=8", "--model", "-m", help="The target model (same forms "
+                              "as run --model)."),
     draft_model: str = typer.Option("synthetic:llama3-8b?agree=8&layers=8", "--draft-model",
                                     help="Two-model draft ('' for none)."),
-    exits: str = typer.Option("4,8,16", "--exits"), speculations: str = typer.Option("2,4,8", "--speculations"),
-    prompt_tokens: int = typer.Option(512, "--prompt-tokens"), new_tokens: int = typer.Option(128, "--new-tokens"),
+    exits: str = typer.Option("4,8,16", "--exits", help="Exit layers of the self-speculative cells: 4,8,16 or "
+                              "2..16:2."),
+    speculations: str = typer.Option("2,4,8", "--speculations", help="Draft lengths K, same syntax."),
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Tokens of each (random) prompt."),
+    new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens to generate per prompt."),
     prompts: int = typer.Option(3, "--prompts", help="Prompts (each timed in every round)."),
-    repeats: int = RepeatsOpt, hf: bool = typer.Option(True, "--hf/--no-hf"),
+    repeats: int = RepeatsOpt, hf: bool = typer.Option(True, "--hf/--no-hf", help="Also transformers' generate."),
     compiled: bool = typer.Option(True, "--compiled/--no-compiled", help="Also the compiled engine."),
-    dtype: str = typer.Option("auto", "--dtype"), device: str = typer.Option("auto", "--device"),
-    threads: int = ThreadsOpt, out_dir: Path = typer.Option(None, "--out", "-o"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, "
+                              "float16."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threads: int = ThreadsOpt, out_dir: Path = typer.Option(None, "--out", "-o", help="Run directory (default: "
+                                                            "runs/benchmark-<date>-<time>)."),
 ) -> None:
     """The engine benchmark: native and transformers paths on one model vs the measured roofline.
 

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from skipbench import spec
-from skipbench.cli.core import EXIT_REGRESSION, app, console, handled, out
+from skipbench.cli.core import EXIT_REGRESSION, PlainUsage, app, console, handled, out
 from skipbench.errors import UserError
 
 
@@ -23,27 +23,41 @@ def parse_fraction(text: str) -> float:
     return value
 
 
-@app.command()
+def incomplete_cells(frame, prompts: int | None, run_dir: Path) -> list[str]:
+    """A line per cell that lacks some prompt's rows: the tables leave it out, so say so and how to finish it."""
+    if frame.empty or not prompts:
+        return []
+    covered = frame.groupby("cell_key", sort=False).agg(label=("cell_label", "first"),
+                                                         prompts=("prompt_index", "nunique"))
+    return [f"cell {row.label} is incomplete (rows for {row.prompts} of {prompts} prompts) and left out of the "
+            f"tables; rerun the command that made {run_dir} (same options, same --out) to finish it"
+            for row in covered.itertuples() if row.prompts < prompts]
+
+
+@app.command(cls=PlainUsage)
 def report(
-    run_dir: Path = typer.Argument(..., help="A run directory (runs/<run>)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory (runs/<run>)."),
     peak_bandwidth: float = typer.Option(None, "--peak-bandwidth", help="Bytes/s (see skipbench roofline)."),
     peak_flops: float = typer.Option(None, "--peak-flops", help="FLOP/s (see skipbench roofline)."),
-    overlay: list[Path] = typer.Option(None, "--overlay", help="Other runs to overlay with this one (repeatable)."),
+    overlay: list[Path] = typer.Option(None, "--overlay", metavar="<path>",
+                                       help="Other runs to overlay with this one (repeatable)."),
     labels: str = typer.Option(None, "--labels", help="Comma list of labels for this run and the overlays."),
 ) -> None:
     """Tables (Markdown, LaTeX, CSV) and plots (PNG, PDF) from a run's raw records."""
+    from skipbench.cli.display import print_summary
     from skipbench.plots import overlay_runs
     from skipbench.report import write_report
     from skipbench.spec_bench_export import write_category_table
     from skipbench.store import RunStore
-    from skipbench.tables import efficiency_markdown
 
     with handled():
         store = RunStore(run_dir)
-        store.read_manifest()  # one clear line when this is not a run directory
-        store.read_cells()  # damaged cell files are set aside here, each with one warning line
+        manifest = store.read_manifest()  # one clear line when this is not a run directory
+        frame = store.read_cells()  # damaged cell files are set aside here, each with one warning line
         for problem in store.problems:
             console.print(f"[yellow]warning[/]: {escape(problem)}; rerun its sweep to recompute it", soft_wrap=True)
+        for warning in incomplete_cells(frame, (manifest.get("prompts") or {}).get("prompts"), run_dir):
+            console.print(f"[yellow]warning[/]: {escape(warning)}", soft_wrap=True)
         if not store.has_cells():
             raise UserError(f"{run_dir} holds no finished cells yet: run or resume its sweep first")
         runs = [run_dir, *(overlay or [])]
@@ -54,18 +68,21 @@ def report(
         files += write_category_table(run_dir)  # Spec-Bench runs: the speedup per category
         if overlay:
             files += overlay_runs(runs, names, run_dir / "plots" / "overlay")
-        out.print(escape(efficiency_markdown(run_dir)))
-        out.print(escape(f"wrote {len(files)} files under {run_dir}/tables and {run_dir}/plots"), soft_wrap=True)
+        print_summary(store, report=True)  # fits 80 columns; the wide tables are in the files
+        out.print(escape(f"wrote {len(files)} files under {run_dir}/tables (efficiency.md: every column) and "
+                         f"{run_dir}/plots"))
 
 
-@app.command()
+@app.command(cls=PlainUsage)
 def compare(
-    base_dir: Path = typer.Argument(..., help="The baseline run (e.g. results/ci-smoke)."),
-    new_dir: Path = typer.Argument(..., help="The run to check."),
+    base_dir: Path = typer.Argument(..., metavar="BASE_RUN", help="The baseline run (e.g. results/ci-smoke)."),
+    new_dir: Path = typer.Argument(..., metavar="NEW_RUN", help="The run to check."),
     max_slowdown: str = typer.Option("5%", "--max-slowdown", help="A speedup may fall this much beyond the runs' "
                                      "intervals (5% or 0.05)."),
-    max_acceptance_drop: float = typer.Option(0.02, "--max-acceptance-drop"),
-    max_quality_drop: float = typer.Option(0.01, "--max-quality-drop"),
+    max_acceptance_drop: float = typer.Option(0.02, "--max-acceptance-drop", help="An acceptance rate may fall "
+                                              "this much (absolute)."),
+    max_quality_drop: float = typer.Option(0.01, "--max-quality-drop", help="A task score may fall this much "
+                                           "(absolute)."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="A base cell missing in the new run is a note."),
     junit: Path = typer.Option(None, "--junit", help="Also write a JUnit XML report (a test case per cell)."),
     markdown: Path = typer.Option(None, "--markdown", help="Also append a Markdown summary ($GITHUB_STEP_SUMMARY)."),

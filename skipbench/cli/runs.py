@@ -93,7 +93,7 @@ def measure_and_print(setup: spec.Setup, cells: list[spec.Cell], target: Path, f
         console.print(escape(f"{command}: {len(cells)} cell(s) of {setup.model} -> {target}"), soft_wrap=True)
         with RichProgress() as progress:
             store = local.run(setup, cells, target, force=force, progress=progress)
-    print_summary(store)
+    print_summary(store, report=report)
     if report:
         files = write_report(store.root)
         out.print(escape(f"tables and plots: {store.root / 'tables'}, {store.root / 'plots'} ({len(files)} files)"),
@@ -193,11 +193,13 @@ DEFAULT_SWEEP = spec.SweepFile(setup=dict(model="smollm2-135m", dataset="humanev
 
 @app.command()
 def sweep(
-    sweep_file: str = typer.Argument(None, help="A sweep file (sweeps/*.toml); options given here override it."),
+    sweep_file: str = typer.Argument(None, metavar="SWEEP_FILE",
+                                     help="A sweep file (sweeps/*.toml); options given here override it."),
     exits: str = typer.Option(None, "--exits", help="Exit layers: 2..16, 2..16:2, 1,2,4 or 1,2,8..12."),
     speculations: str = typer.Option(None, "--speculations", help="Draft lengths K, same syntax (default 2,4,6)."),
     strategies: str = typer.Option(None, "--strategies", help="Comma list: self_speculative, speculative."),
-    draft_model: list[str] = typer.Option(None, "--draft-model", help="A draft model: two-model rows (repeatable)."),
+    draft_model: list[str] = typer.Option(None, "--draft-model", metavar="<str>",
+                                          help="A draft model: two-model rows (repeatable)."),
     backends: str = typer.Option(None, "--backends", help=f"Comma list of {', '.join(methods.backends())} "
                                  f"(default native)."),
     draft_policies: str = typer.Option(None, "--draft-policies", help="Comma list of draft policies: static, "
@@ -207,8 +209,8 @@ def sweep(
     out_dir: Path = OutOpt, force: bool = ForceOpt,
     report: bool = typer.Option(True, "--report/--no-report", help="Write tables and plots when done."),
     model: str = ModelOpt, prompt: list[str] = PromptOpt,
-    dataset: list[str] = typer.Option(None, "--dataset", "-d", help="A task (repeatable: one run per task, "
-                                      "plus a per-task speedup table)."),
+    dataset: list[str] = typer.Option(None, "--dataset", "-d", metavar="<str>", help="A task (repeatable: one "
+                                      "run per task, plus a per-task speedup table)."),
     num_samples: int = NumSamplesOpt, seed: int = SeedOpt, n_shot: int = NShotOpt, template: str = TemplateOpt,
     max_prompt_tokens: int = MaxPromptOpt, prompt_policy: str = PolicyOpt, data_dir: str = DataDirOpt,
     max_new_tokens: int = MaxNewOpt, stop: list[str] = StopOpt, sample: bool = SampleOpt,

@@ -18,13 +18,19 @@ def train(
                                "(12 layers, hidden 512; GPU) or recipe-cpu (smaller, for a CPU)."),
     corpus: Path = typer.Option(None, "--corpus", help="Directory of text/code files (default: Python's stdlib)."),
     recipe: str = typer.Option("layerskip", "--recipe", help="layerskip (layer dropout + early-exit loss) or none."),
-    layer_dropout_max: float = typer.Option(0.2, "--layer-dropout-max"),
-    early_exit_scale: float = typer.Option(1.0, "--early-exit-scale"),
+    layer_dropout_max: float = typer.Option(0.2, "--layer-dropout-max", help="Layer dropout rate of the last "
+                                            "layer (rising linearly from 0 at the first)."),
+    early_exit_scale: float = typer.Option(1.0, "--early-exit-scale", help="Weight of the early-exit losses."),
     curriculum: str = typer.Option("none", "--curriculum", help="none or gradual."),
-    steps: int = typer.Option(None, "--steps"), minutes: float = typer.Option(None, "--minutes"),
-    seq_len: int = typer.Option(256, "--seq-len"), batch_size: int = typer.Option(16, "--batch-size"),
-    lr: float = typer.Option(None, "--lr"), vocab_size: int = typer.Option(8192, "--vocab-size"),
-    seed: int = typer.Option(0, "--seed"), device: str = typer.Option("auto", "--device"),
+    steps: int = typer.Option(None, "--steps", help="Optimiser steps (a budget: --steps, --minutes or both)."),
+    minutes: float = typer.Option(None, "--minutes", help="Minutes of training (whichever budget ends first)."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training sequence."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default 1e-3 from scratch, 1e-4 with --base)."),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="Tokenizer size, trained on the corpus (from "
+                                   "scratch only)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for weights, data order and layer dropout."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Train (or continue training) a Llama-family model with the LayerSkip recipe, or without it."""
     with handled():

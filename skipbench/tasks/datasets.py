@@ -156,6 +156,8 @@ def load_task(
         raise TaskError(f"unknown dataset {dataset!r}; choose cnn_dm, humaneval, topv2, spec_bench, "
                         f"spec_bench:{spec_bench.MULTI_TURN} or jsonl:PATH")
 
+    if not rows:
+        raise TaskError(f"{source} holds no examples (an empty or blank file): nothing to decode")
     if name == "spec_bench":
         examples = [Example(made[0], made[1], None, made[2]) for i in _select(len(rows), num_samples, seed)
                     for made in _spec_bench_examples(rows[i], i, source, dataset.endswith(spec_bench.MULTI_TURN))]
