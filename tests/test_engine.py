@@ -233,3 +233,38 @@ def test_engine_makes_no_deprecated_call(model, recwarn) -> None:
     decode(SelfSpeculative(stack, 1), k=3, new=6)
     deprecated = [w for w in recwarn if issubclass(w.category, FutureWarning)]
     assert deprecated == [], [str(w.message) for w in deprecated]
+
+
+class RecordingDrafts(SelfSpeculative):
+    """Self-speculation that keeps each round's drafted ids (the test reads them; the engine does not)."""
+
+    def __init__(self, stack, exit_layer):
+        super().__init__(stack, exit_layer)
+        self.rounds: list[list[int]] = []
+
+    def draft(self, last, count, sampler, **options):
+        drafts, probs = super().draft(last, count, sampler, **options)
+        self.rounds.append(drafts.tolist())
+        return drafts, probs
+
+
+def test_a_drafted_eos_ends_the_rounds_proposals_in_both_backends():
+    """transformers' drafter stops a round once it proposes EOS; the native engine drafts all K but counts only
+    the proposals up to that EOS: step for step the same drafted and accepted counts, and the same tokens."""
+    model = make_model("gqa")
+    stack = DecoderStack(model)
+    k, exercised = 4, 0
+    recorder = RecordingDrafts(stack, 1)
+    decode(recorder, k)
+    reference = decode(Autoregressive(stack)).tokens
+    # Tokens the draft proposes before the last position of a round: as EOS they cut a round short.
+    candidates = list(dict.fromkeys(token for drafts in recorder.rounds for token in drafts[:-1]))[:6]
+    assert candidates
+    for eos in candidates:
+        ours = decode(SelfSpeculative(stack, 1), k, eos=[eos])
+        theirs = generate_hf(model, PROMPT, exit_layer=1, num_speculations=k, max_new_tokens=NEW, sampler=Sampler(),
+                             eos_ids=[eos], device=CPU)
+        assert theirs.tokens == ours.tokens == reference[: len(ours.tokens)], eos
+        assert steps_of(theirs) == steps_of(ours), eos
+        exercised += any(step.drafted < k for step in ours.steps[:-1])
+    assert exercised  # some round's drafts held an EOS before the round's last draft

@@ -85,8 +85,9 @@ def generate(strategy: Strategy, prompt: list[int], *, max_new_tokens: int, num_
             kept, next_id, *read = torch.cat(parts).tolist()  # the round's one host sync
             drafted = read[: drafts.shape[0]]
             strategy.commit(context + 1 + kept, [last_id, *drafted])
-            record.steps.append(Step(context, len(drafted), kept, plan.exit_layer))
-            policy.observe(len(drafted), kept, None if shadow is None else
+            proposed = proposals(drafted, eos)
+            record.steps.append(Step(context, proposed, kept, plan.exit_layer))
+            policy.observe(proposed, min(kept, proposed), None if shadow is None else
                            agreement(read[len(drafted):], policy.candidates, [*drafted[:kept], next_id]))
             ended = record.emit([*drafted[:kept], next_id], kept, eos, stop)
             last, last_id = outcome[1:], next_id
@@ -98,6 +99,14 @@ def generate(strategy: Strategy, prompt: list[int], *, max_new_tokens: int, num_
     record.time_s = time.perf_counter() - began
     record.passes = trace.passes
     return record
+
+
+def proposals(drafted: list[int], eos: set[int]) -> int:
+    """How many of a round's drafts were proposals: those up to and including the first EOS. transformers'
+    drafter stops a round there; skipbench's engine drafts the round's K tokens in one go (static shapes, one
+    host sync per round) and verifies them all, but a draft after a drafted EOS can never be emitted, so it
+    counts as computed (its passes are wasted work in the costs), not as drafted."""
+    return next((index + 1 for index, token in enumerate(drafted) if token in eos), len(drafted))
 
 
 def agreement(flat: list[int], exits: Sequence[int], committed: list[int]) -> dict[int, tuple[int, int]]:
