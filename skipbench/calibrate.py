@@ -41,13 +41,15 @@ def measure(stack: DecoderStack, sizes: list[int], context: int) -> dict:
     width = stack.config.hidden_size
     layer_seconds, head_seconds = {}, {}
     with torch.inference_mode():
-        filler = torch.zeros(1, context, width, dtype=stack.dtype, device=stack.device)
+        # (Inputs lie where the layer before them ran: a model spread over devices times the same layer.)
+        filler = torch.zeros(1, context, width, dtype=stack.dtype, device=stack.input_device(layer))
         stack.run(filler, cache, layer, layer + 1)
         for size in sizes:
-            hidden = torch.randn(1, size, width, dtype=stack.dtype, device=stack.device)
+            hidden = torch.randn(1, size, width, dtype=stack.dtype, device=stack.input_device(layer))
+            last = torch.randn(1, size, width, dtype=stack.dtype, device=stack.input_device(stack.num_layers))
             layer_seconds[size] = _median(lambda h=hidden: stack.run(h, cache, layer, layer + 1), stack.device,
                                           reset=lambda: cache.truncate(context))
-            head_seconds[size] = _median(lambda h=hidden, n=size: stack.run(h, cache, stack.num_layers,
+            head_seconds[size] = _median(lambda h=last, n=size: stack.run(h, cache, stack.num_layers,
                                                                             stack.num_layers, head=n), stack.device)
     return {"context": context, "layer_seconds": layer_seconds, "head_seconds": head_seconds}
 

@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from skipbench import methods
 from skipbench.decoding import policy as policies
@@ -116,6 +117,8 @@ class Setup:
     execute_code: bool = False
     execute_uncontained: bool = False  # where no sandbox exists, run model-written code with rlimits only
     stop_sequences: tuple[str, ...] | None = None  # None: the task's default
+    # A model spread over devices: accelerate's auto, balanced, sequential, or a JSON file of module -> device.
+    device_map: str | None = None
 
     def check(self) -> None:
         if self.dataset is None and not self.prompts:
@@ -153,10 +156,22 @@ class Setup:
             raise SpecError(f"--dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise SpecError(f"--device must be auto, cpu or cuda (got {self.device!r})")
+        if self.device_map is not None and self.device_map not in ("auto", "balanced", "sequential") and not (
+                self.device_map.endswith(".json") and Path(self.device_map).is_file()):
+            raise SpecError(f"--device-map must be auto, balanced, sequential or an existing .json file (got "
+                            f"{self.device_map!r})")
 
 
 # Setup fields that change how long or how often cells are measured, not what their numbers mean.
 MEASUREMENT_ONLY = ("warmup", "repeats")
+# Fields added later, left out of a run's identity while unset, so runs made before them keep their keys.
+UNSET_IS_ABSENT = ("device_map",)
+
+
+def identity_fields(setup: Setup) -> dict:
+    """The setup's fields that define its numbers (what cell keys and run directory names hash)."""
+    return {k: v for k, v in asdict(setup).items()
+            if k not in MEASUREMENT_ONLY and not (k in UNSET_IS_ABSENT and v is None)}
 
 
 def described(cell: Cell, replica: bool = True) -> dict:
@@ -168,7 +183,7 @@ def described(cell: Cell, replica: bool = True) -> dict:
 
 def cell_key(setup: Setup, cell: Cell) -> str:
     """Stable id of a finished cell: a hash of everything that defines its numbers."""
-    measured = {k: v for k, v in asdict(setup).items() if k not in MEASUREMENT_ONLY}
+    measured = identity_fields(setup)
     described_cell = described(cell, replica=False)  # keys of runs before replicas stay valid too
     text = json.dumps({"setup": measured, "cell": described_cell}, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -373,7 +388,6 @@ def load_sweep_file(path: str) -> SweepFile:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
-    from pathlib import Path
 
     file = Path(path)
     if not file.is_file():

@@ -253,7 +253,7 @@ class Plan:
 def run_dir_name(setup: Setup, cells: list[Cell], what: str) -> Path:
     """A run directory derived from what is measured, so rerunning the same command finds it (resume)."""
     slug = "".join(c if c.isalnum() or c in "-." else "-" for c in setup.model.split("/")[-1])[:40].strip("-")
-    material = json.dumps({"setup": {k: v for k, v in asdict(setup).items() if k not in spec.MEASUREMENT_ONLY},
+    material = json.dumps({"setup": spec.identity_fields(setup),
                            "cells": [spec.described(cell) for cell in cells]}, sort_keys=True, default=list)
     return Path("runs") / f"{slug}-{what}-{hashlib.sha256(material.encode()).hexdigest()[:8]}"
 

@@ -52,3 +52,14 @@ TimeMinOpt = typer.Option(None, "--time-min", help="slurm: each task's time limi
 MaxParallelOpt = typer.Option(None, "--max-parallel", help="slurm: array tasks running at once.")
 DetachOpt = typer.Option(False, "--detach", help="slurm: submit and return; the same command again waits for the "
                          "tasks and collects (skipbench report shows what has finished).")
+DeviceMapOpt = typer.Option(None, "--device-map", help="A model spread over devices: auto, balanced (even bytes), "
+                            "sequential (fill each device in turn) or FILE.json (module name -> device, as "
+                            "accelerate's device_map).")
+DryRunOpt = typer.Option(False, "--dry-run", help="Load no weights: print the cells, each model's placement and "
+                         "memory per device, and an estimate of the wall and compile time, with its basis.")
+GpusOpt = typer.Option(None, "--gpus", help="Dry run: place on N GPUs of --gpu-memory instead of this machine's.")
+GpuMemoryOpt = typer.Option("80GB", "--gpu-memory", help="Dry run: memory of each --gpus GPU (80GB, 24GiB).")
+PeakBandwidthOpt = typer.Option(None, "--peak-bandwidth", help="Dry run: the target's memory bandwidth (B/s).")
+PeakFlopsOpt = typer.Option(None, "--peak-flops", help="Dry run: the target's matmul peak (FLOP/s).")
+AcceptanceOpt = typer.Option(None, "--acceptance", help="Dry run: assumed acceptance per draft token (default 0.6; "
+                             "synthetic agree=A models accept all at exits >= A).")

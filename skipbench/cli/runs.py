@@ -15,14 +15,19 @@ from skipbench import methods, spec
 from skipbench.cli.core import EXIT_CELLS_FAILED, app, console, handled, out
 from skipbench.cli.display import RichProgress, print_summary, run_train, train_config
 from skipbench.cli.options import (
+    AcceptanceOpt,
     AddressOpt,
     CompileOpt,
     DataDirOpt,
     DetachOpt,
+    DeviceMapOpt,
     DeviceOpt,
+    DryRunOpt,
     DtypeOpt,
     ExecuteOpt,
     ForceOpt,
+    GpuMemoryOpt,
+    GpusOpt,
     GpusPerWorkerOpt,
     LauncherOpt,
     MaxNewOpt,
@@ -33,6 +38,8 @@ from skipbench.cli.options import (
     NumSamplesOpt,
     OutOpt,
     PartitionOpt,
+    PeakBandwidthOpt,
+    PeakFlopsOpt,
     PolicyOpt,
     PromptOpt,
     RepeatsOpt,
@@ -57,7 +64,7 @@ if TYPE_CHECKING:
 # The arguments of `run` and `sweep` that become Setup fields, by their parameter names.
 SETUP_OPTIONS = ("model", "prompt", "dataset", "num_samples", "seed", "n_shot", "template", "max_prompt_tokens",
                  "prompt_policy", "data_dir", "max_new_tokens", "stop", "sample", "temperature", "top_p", "dtype",
-                 "device", "warmup", "repeats", "threads", "execute_code")
+                 "device", "warmup", "repeats", "threads", "execute_code", "device_map")
 
 
 def setup_options(arguments: dict) -> dict:
@@ -129,6 +136,27 @@ def finish(stores: list[RunStore], force: bool = False) -> None:
         raise typer.Exit(EXIT_CELLS_FAILED)
 
 
+def print_dry_run(setup: spec.Setup, cells: list[spec.Cell], gpus: int | None, gpu_memory: str,
+                  peak_bandwidth: float | None, peak_flops: float | None, acceptance: float | None) -> None:
+    """`--dry-run`: the plan, placements, memory per device and the time estimate, without loading weights."""
+    from skipbench import dryrun
+    from skipbench.measure import measure_roofline
+    from skipbench.models import resolve_device, resolve_dtype
+    from skipbench.store import device_name
+
+    setup.check()
+    device = resolve_device(setup.device)
+
+    def roofline() -> dict:  # only when no calibration of the shape is stored here (small: under a second)
+        return measure_roofline(device, resolve_dtype(setup.dtype, device), size_mb=64, repeats=3)
+
+    options = dryrun.Options(gpus=gpus, gpu_memory=gpu_memory, peak_bandwidth=peak_bandwidth, peak_flops=peak_flops,
+                             acceptance=dryrun.ASSUMED_ACCEPTANCE if acceptance is None else acceptance,
+                             roofline=roofline)
+    for line in dryrun.report(setup, cells, options, device_name=device_name(device)):
+        out.print(escape(line), soft_wrap=True)
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -154,6 +182,8 @@ def run(
     temperature: float = TemperatureOpt, top_p: float = TopPOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
     warmup: int = WarmupOpt, repeats: int = RepeatsOpt, threads: int = ThreadsOpt, execute_code: bool = ExecuteOpt,
     execute_code_uncontained: bool = UncontainedOpt, compile: bool = CompileOpt,
+    device_map: str = DeviceMapOpt, dry_run: bool = DryRunOpt, gpus: int = GpusOpt, gpu_memory: str = GpuMemoryOpt,
+    peak_bandwidth: float = PeakBandwidthOpt, peak_flops: float = PeakFlopsOpt, acceptance: float = AcceptanceOpt,
 ) -> None:
     """Decode a prompt set with one strategy (and the autoregressive baseline) and store the records."""
     from skipbench.decoding.policy import varies_exit
@@ -172,12 +202,19 @@ def run(
             num_speculations = 4
         if method.drafter == "exit" and exit_layer is None and not varies_exit(draft_policy):
             layers = num_layers_of(setup.model)
+            if layers is None and dry_run:  # without weights: the dry run's config (a Hub id's known shape)
+                from skipbench.dryrun import config_of
+
+                layers = config_of(setup.model)[0].num_hidden_layers
             if layers is None and not setup.model.startswith("synthetic:"):  # a Hub id: its config says
                 layers = getattr(pretrained_config(setup.model), "num_hidden_layers", None)
             exit_layer = max(1, layers // 4) if layers else None
         cell = spec.Cell(strategy, exit_layer, num_speculations, draft_model, backend, draft_policy=draft_policy)
         # Speedup and losslessness need the baseline on the same prompts: speculative runs add it.
         cells = spec.with_baseline([cell]) if method.speculates and not no_baseline else [cell]
+        if dry_run:
+            print_dry_run(setup, cells, gpus, gpu_memory, peak_bandwidth, peak_flops, acceptance)
+            return
         target = out_dir or run_dir_name(setup, cells, "run")
         store = measure_and_print(setup, cells, target, force, report=False, command="run")
     finish([store], force)
@@ -220,6 +257,8 @@ def sweep(
     launcher: str = LauncherOpt, workers: int = WorkersOpt, address: str = AddressOpt,
     gpus_per_worker: int = GpusPerWorkerOpt, partition: str = PartitionOpt, time_min: int = TimeMinOpt,
     max_parallel: int = MaxParallelOpt, detach: bool = DetachOpt,
+    device_map: str = DeviceMapOpt, dry_run: bool = DryRunOpt, gpus: int = GpusOpt, gpu_memory: str = GpuMemoryOpt,
+    peak_bandwidth: float = PeakBandwidthOpt, peak_flops: float = PeakFlopsOpt, acceptance: float = AcceptanceOpt,
 ) -> None:
     """Sweep exit layers, draft lengths and draft models; the autoregressive baseline is always included."""
     from skipbench import launch as launching
@@ -234,6 +273,11 @@ def sweep(
                     draft_policies=draft_policies)
         default = replace(DEFAULT_SWEEP, setup=dict(DEFAULT_SWEEP.setup), grid=dict(DEFAULT_SWEEP.grid))
         plan = sweeping.plan(sweep_file, given, grid, out_dir, default, compile=compile)
+        if dry_run:
+            for task in plan.tasks or [None]:
+                chosen = replace(plan.setup, dataset=task) if task else plan.setup
+                print_dry_run(chosen, plan.cells, gpus, gpu_memory, peak_bandwidth, peak_flops, acceptance)
+            return
         plan.setup = allow_execution(plan.setup, execute_code, execute_code_uncontained)
         launch = launching.merged(plan.launch, launcher=launcher, workers=workers, address=address,
                                   gpus_per_worker=gpus_per_worker, partition=partition, time_min=time_min,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Sequence
 
 import torch
 import transformers
@@ -26,6 +27,7 @@ from transformers import PreTrainedModel
 
 from skipbench.decoding.record import Trace
 from skipbench.errors import UserError
+from skipbench.placement import Placement
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 # While warming up only: torch.compile compiles one graph per pass shape, and a sweep of many exits and
@@ -47,9 +49,11 @@ class KVCache:
     the filled part; static caches write at `positions` (a device tensor) and return the whole capacity.
     """
 
-    def __init__(self, num_layers: int, capacity: int, *, static_like: torch.Tensor | None = None):
+    def __init__(self, num_layers: int, capacity: int, *,
+                 static_like: torch.Tensor | Sequence[torch.Tensor] | None = None):
         """`static_like`: a static cache, allocated now (compiled code must never allocate it) like this
-        tensor of shape (1, kv heads, any, head dim), on its device and in its dtype."""
+        tensor of shape (1, kv heads, any, head dim), on its device and in its dtype; a list gives each layer
+        its own (a model spread over devices keeps each layer's cache on the layer's device)."""
         self.capacity = capacity
         self.static = static_like is not None
         self.lengths = [0] * num_layers
@@ -60,7 +64,8 @@ class KVCache:
         self.model = "target"
         if self.static:
             for layer in range(num_layers):
-                self.allocate(layer, static_like, static_like)
+                like = static_like if isinstance(static_like, torch.Tensor) else static_like[layer]
+                self.allocate(layer, like, like)
 
     def reset(self, trace: Trace | None, model: str) -> KVCache:
         self.lengths = [0] * len(self.lengths)
@@ -113,8 +118,8 @@ def causal_mask(config, past: int, count: int, device: torch.device, dtype: torc
     """
     if count == 1 or (past == 0 and getattr(config, "_attn_implementation", "eager") != "eager"):
         return None
-    key_positions = torch.arange(past + count, device=device)
-    query_positions = torch.arange(past, past + count, device=device)
+    key_positions = torch.arange(past + count, device=device, dtype=torch.long)
+    query_positions = torch.arange(past, past + count, device=device, dtype=torch.long)
     blocked = key_positions[None, :] > query_positions[:, None]
     mask = torch.zeros(blocked.shape, dtype=dtype, device=device)
     return mask.masked_fill(blocked, torch.finfo(dtype).min)[None, None]
@@ -123,7 +128,7 @@ def causal_mask(config, past: int, count: int, device: torch.device, dtype: torc
 def static_mask(positions: torch.Tensor, capacity: int, dtype: torch.dtype) -> torch.Tensor:
     """An additive mask over a whole static cache: query at position p sees keys 0..p, nothing after it
     (stale entries of rejected drafts or of an earlier generation lie after it)."""
-    keys = torch.arange(capacity, device=positions.device)
+    keys = torch.arange(capacity, device=positions.device, dtype=torch.long)
     allowed = keys[None, :] <= positions[:, None]
     zero = torch.zeros((), dtype=dtype, device=positions.device)
     return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
@@ -162,9 +167,15 @@ class DecoderStack:
     `capacity` positions (other passes run the same function eagerly); `compile_seconds` accumulates the time
     spent compiling, outside any cell's time: the engine compiles every shape a cell needs before it is
     timed (`warm`).
+
+    With a `placement` (a model spread over devices) each run of layers on one device is a stage: its
+    layers, their KV cache and a copy of the rotary tables live there, and the hidden state moves to the
+    next stage's device at every boundary (and to the head's device before the head); `moves` counts
+    those moves. The engine makes them itself, whatever hooks the model carries.
     """
 
-    def __init__(self, model: PreTrainedModel, *, compile: bool = False, capacity: int = 0):
+    def __init__(self, model: PreTrainedModel, *, compile: bool = False, capacity: int = 0,
+                 placement: Placement | None = None):
         config = model.config
         body = getattr(model, "model", None)
         parts = ("embed_tokens", "layers", "norm", "rotary_emb")
@@ -185,6 +196,20 @@ class DecoderStack:
         self.cache_keyword = cache_keyword(self.layers[0])
         self.device = self.embed_tokens.weight.device
         self.dtype = self.embed_tokens.weight.dtype
+        self.placement = placement
+        if placement is not None and len(placement.layers) != self.num_layers:
+            raise EngineError(f"the placement names {len(placement.layers)} layers but the model has "
+                              f"{self.num_layers}")
+        # Where the embedding, each layer and the head run (one device unless a placement spreads them).
+        self.embed_device = torch.device(placement.embed) if placement else self.device
+        self.layer_devices = ([torch.device(name) for name in placement.layers] if placement
+                              else [self.device] * self.num_layers)
+        self.head_device = torch.device(placement.head) if placement else self.lm_head.weight.device
+        # The rotary tables of each device, built there from the config as the model built its own.
+        self._rotary = {device: self.rotary_emb if device == self.device else self._new_rotary(device)
+                        for device in dict.fromkeys(self.layer_devices)}
+        self.spread = len({self.embed_device, self.head_device, *self.layer_devices}) > 1
+        self.moves = 0  # boundary moves of the hidden state (a spread model's, between stages)
         self.compiled = compile
         self.capacity = capacity
         self.compile_seconds = 0.0
@@ -196,9 +221,15 @@ class DecoderStack:
         if compile:
             # CUDA: CUDA graphs (what mode="reduce-overhead" turns on). CPU: the wrapper around the kernels in
             # C++ rather than Python, which is most of a small model's step.
-            options = {"triton.cudagraphs": True} if self.device.type == "cuda" else {"cpp_wrapper": True}
+            # (CUDA graph trees capture one device: a spread model compiles without them.)
+            cuda = self.device.type == "cuda"
+            options = {"triton.cudagraphs": not self.spread} if cuda else {"cpp_wrapper": True}
             self._compiled_pass = torch.compile(self._static_pass, dynamic=False, options=options)
             self._compiled_chain = torch.compile(self._static_chain, dynamic=False, options=options)
+
+    def _new_rotary(self, device: torch.device) -> torch.nn.Module:
+        with device:  # its inverse frequencies are computed on `device`
+            return type(self.rotary_emb)(config=self.config)
 
     def new_cache(self, capacity: int, trace: Trace | None = None, model: str = "target") -> KVCache:
         """A cache for one generation. Compiled stacks keep one static cache per model role for the whole
@@ -211,7 +242,8 @@ class DecoderStack:
         if model not in self._caches:
             config = self.config
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            like = torch.empty(1, config.num_key_value_heads, 0, head_dim, dtype=self.dtype, device=self.device)
+            like = [torch.empty(1, config.num_key_value_heads, 0, head_dim, dtype=self.dtype, device=device)
+                    for device in self.layer_devices]  # each layer's cache on its layer's device
             self._caches[model] = KVCache(self.num_layers, self.capacity, static_like=like)
         return self._caches[model].reset(trace, model)
 
@@ -231,12 +263,12 @@ class DecoderStack:
         if cache.trace is not None:
             cache.trace.record(cache.model, start, end, count, past, head, cache.capacity if cache.static else None)
         if cache.static:
-            positions = torch.arange(past, past + count, device=self.device)
+            positions = torch.arange(past, past + count, device=self.device, dtype=torch.long)
             hidden, logits = self._pass((start, end, count, head), inputs, positions, cache, start, end, head)
         else:
-            hidden = self.embed_tokens(inputs[None]) if start == 0 else inputs
+            hidden = self._embed(inputs) if start == 0 else inputs
             hidden = self._layers(hidden, cache, start, end, past, count) if start < end else hidden
-            logits = self._head(hidden[:, count - head :]) if head else None
+            logits = self._head(hidden[:, count - head :], end) if head else None
         cache.advance(start, end, count)
         return hidden, logits
 
@@ -253,7 +285,7 @@ class DecoderStack:
                                    cache.capacity if cache.static else None)
         if not cache.static:
             return self._eager_chain(inputs, cache, end, count)
-        positions = torch.arange(past, past + fed, device=self.device)
+        positions = torch.arange(past, past + fed, device=self.device, dtype=torch.long)
         function = self._compiled_chain if ("chain", end, fed, count) in self._warmed else self._static_chain
         states, ids = self._guarded(function, inputs, positions, cache, end, count)
         cache.advance(0, end, fed + count - 1)  # the last draft is not fed back: the verifier feeds it
@@ -274,15 +306,15 @@ class DecoderStack:
                     continue
                 kind, *sizes = shape
                 began = time.perf_counter()
+                fed = sizes[1] if kind == "chain" else sizes[2]
+                positions = torch.arange(fed, device=self.device, dtype=torch.long)
                 for _ in range(3):  # CUDA graph trees record a shape on a later call than the first
                     if kind == "chain":
                         end, fed, count = sizes
-                        self._compiled_chain(self._zeros(0, fed), torch.arange(fed, device=self.device), cache, end,
-                                             count)
+                        self._compiled_chain(self._zeros(0, fed), positions, cache, end, count)
                     else:
                         start, end, fed, head = sizes
-                        self._compiled_pass(self._zeros(start, fed), torch.arange(fed, device=self.device), cache,
-                                            start, end, head)
+                        self._compiled_pass(self._zeros(start, fed), positions, cache, start, end, head)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 self.compile_seconds += time.perf_counter() - began
@@ -292,7 +324,35 @@ class DecoderStack:
         """Inputs of the right kind for a pass starting at layer `start`: ids, or hidden states."""
         if start == 0:
             return torch.zeros(count, dtype=torch.long, device=self.device)
-        return torch.zeros(1, count, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        return torch.zeros(1, count, self.config.hidden_size, dtype=self.dtype, device=self.input_device(start))
+
+    def input_device(self, start: int) -> torch.device:
+        """Where the hidden state entering layer `start` lies: on the device of the layer before it (the
+        embedding's for layer 0; the last layer's for the head)."""
+        return self.embed_device if start == 0 else self.layer_devices[start - 1]
+
+    def _spans(self, start: int, end: int) -> list[tuple[int, int, torch.device]]:
+        """Layers [start, end) as runs on one device each."""
+        spans: list[tuple[int, int, torch.device]] = []
+        for index in range(start, end):
+            device = self.layer_devices[index]
+            if spans and spans[-1][2] == device:
+                spans[-1] = (spans[-1][0], index + 1, device)
+            else:
+                spans.append((index, index + 1, device))
+        return spans
+
+    def _move(self, hidden: torch.Tensor, start: int, device: torch.device) -> torch.Tensor:
+        """The hidden state entering layer `start` (the head when start == num_layers), moved to `device`
+        when the layer before it ran elsewhere: a stage boundary."""
+        if self.input_device(start) == device:
+            return hidden
+        self.moves += 1
+        return hidden.to(device, non_blocking=True)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (n,), wherever they were chosen (the head's device), through the embedding."""
+        return self.embed_tokens(ids.to(self.embed_device)[None])
 
     def _pass(self, shape: tuple, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
         function = self._compiled_pass if ("pass", *shape) in self._warmed else self._static_pass
@@ -329,10 +389,10 @@ class DecoderStack:
         states, ids = [], []
         for _ in range(count):
             fed = inputs.shape[0]
-            hidden = self._layers(self.embed_tokens(inputs[None]), cache, 0, end, cache.lengths[0], fed)
+            hidden = self._layers(self._embed(inputs), cache, 0, end, cache.lengths[0], fed)
             cache.advance(0, end, fed)
             states.append(hidden[:, -1:])
-            inputs = self._head(hidden[:, -1:]).argmax(dim=-1)
+            inputs = self._head(hidden[:, -1:], end).argmax(dim=-1)
             ids.append(inputs)
         return torch.cat(states, dim=1), torch.cat(ids)
 
@@ -340,34 +400,40 @@ class DecoderStack:
                      head: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One whole pass against a static cache (embedding, layers [start, end), head): what torch.compile
         compiles, so a decode step is one compiled call."""
-        hidden = self.embed_tokens(inputs[None]) if start == 0 else inputs
-        if start < end:
-            cache.positions = positions
-            position_embeddings = self.rotary_emb(hidden, positions[None])
-            mask = static_mask(positions, cache.capacity, hidden.dtype)
-            hidden = run_layers(self.layers[start:end], hidden, mask=mask, positions=positions[None],
+        hidden = self._embed(inputs) if start == 0 else inputs
+        for first, last, device in self._spans(start, end):
+            hidden = self._move(hidden, first, device)
+            here = positions.to(device)  # the cache writes at these positions, on its layers' device
+            cache.positions = here
+            position_embeddings = self._rotary[device](hidden, here[None])
+            mask = static_mask(here, cache.capacity, hidden.dtype)
+            hidden = run_layers(self.layers[first:last], hidden, mask=mask, positions=here[None],
                                 position_embeddings=position_embeddings, cache=cache, keyword=self.cache_keyword)
-        return hidden, self._head(hidden[:, hidden.shape[1] - head :]) if head else None
+        return hidden, self._head(hidden[:, hidden.shape[1] - head :], end) if head else None
 
     def _layers(self, hidden: torch.Tensor, cache: KVCache, start: int, end: int, past: int,
                 count: int) -> torch.Tensor:
-        positions = torch.arange(past, past + count, device=self.device).unsqueeze(0)
-        position_embeddings = self.rotary_emb(hidden, positions)
-        mask = causal_mask(self.config, past, count, self.device, self.dtype)
-        if self.taps is None:
-            return run_layers(self.layers[start:end], hidden, mask=mask, positions=positions,
-                              position_embeddings=position_embeddings, cache=cache, keyword=self.cache_keyword)
-        for index in range(start, end):
-            hidden = run_layers(self.layers[index : index + 1], hidden, mask=mask, positions=positions,
-                                position_embeddings=position_embeddings, cache=cache, keyword=self.cache_keyword)
-            if index + 1 in self.taps:
-                self.taps[index + 1].append(hidden)
+        for first, last, device in self._spans(start, end):
+            hidden = self._move(hidden, first, device)
+            positions = torch.arange(past, past + count, device=device, dtype=torch.long).unsqueeze(0)
+            position_embeddings = self._rotary[device](hidden, positions)
+            mask = causal_mask(self.config, past, count, device, self.dtype)
+            if self.taps is None:
+                hidden = run_layers(self.layers[first:last], hidden, mask=mask, positions=positions,
+                                    position_embeddings=position_embeddings, cache=cache, keyword=self.cache_keyword)
+                continue
+            for index in range(first, last):  # dynamic exit: keep the states after the tapped layers
+                hidden = run_layers(self.layers[index : index + 1], hidden, mask=mask, positions=positions,
+                                    position_embeddings=position_embeddings, cache=cache, keyword=self.cache_keyword)
+                if index + 1 in self.taps:
+                    self.taps[index + 1].append(hidden)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The exit head on states (..., n, d) -> (..., n, vocab) float32 logits; not recorded: callers record it."""
-        return self.lm_head(self.norm(hidden)).float()
+        return self.lm_head(self.norm(hidden.to(self.head_device))).float()
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head: (1, n, d) -> (n, vocab) float32 logits."""
+    def _head(self, hidden: torch.Tensor, end: int) -> torch.Tensor:
+        """Final norm and LM head after layer `end` - 1: (1, n, d) -> (n, vocab) float32 logits."""
+        hidden = self._move(hidden, end, self.head_device)  # an early exit's too: the head lies where it lies
         return self.lm_head(self.norm(hidden))[0].float()

@@ -27,9 +27,11 @@ class TwoModel:
         stack, cache = self.drafter.stack, self.drafter.cache
         # The draft cache lacks the last step's final draft when all drafts were kept: feed it too.
         missing = self.committed[cache.lengths[0]:]
+        last = last.to(stack.device)  # (models spread over devices: the target's head and the draft's embedding)
         feed = torch.cat([stack.ids(missing), last]) if missing else last
+        home = self.target.stack.head_device  # where the target verifies the drafts
         if not sampler.sample and not threshold:  # greedy: the whole draft phase is one call (one compiled graph)
-            return stack.chain(feed, cache, stack.num_layers, count)[1], None
+            return stack.chain(feed, cache, stack.num_layers, count)[1].to(home), None
         drafts, probs = [], []
         for _ in range(count):
             _, logits = stack.run(feed, cache, 0, stack.num_layers, head=1)
@@ -39,7 +41,7 @@ class TwoModel:
             feed = token
             if threshold and sampler.confidence(logits, token, token_probs).item() < threshold:
                 break  # transformers' ConfidenceCriteria: the unsure draft is still proposed
-        return torch.cat(drafts), torch.cat(probs) if sampler.sample else None
+        return torch.cat(drafts).to(home), torch.cat(probs).to(home) if sampler.sample else None
 
     def shapes(self, k: int, sample: bool = False) -> list[tuple[DecoderStack, str, list[tuple]]]:
         # The draft's first pass also feeds the target's last draft when every draft was kept: 2 positions.
