@@ -215,14 +215,15 @@ def test_help_names_every_value_plainly_and_explains_every_option(command):
 
 
 def test_runs_warning_points_only_to_tables_that_exist(tmp_path, monkeypatch):
-    import skipbench.summary
+    import skipbench.verdicts
 
-    monkeypatch.setattr(skipbench.summary, "NOISY", -1.0)  # every cell noisy
+    shared = skipbench.verdicts.report_lines  # every warning said once for all the cells that have it
+    monkeypatch.setattr(skipbench.verdicts, "report_lines", lambda summary, where: shared(summary, 1, where))
     result = invoke("run", "--model", TINY, "-e", 1, "-k", 2, "-p", "hi", "--max-new-tokens", 4, "--warmup", 0,
-                    "--threads", 1, "--repeats", 2, "--out", tmp_path / "r")
+                    "--threads", 1, "--repeats", 2, "--out", tmp_path / "r")  # 2 units: too few for an interval
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "wider than" in text
+    assert "too few units" in text and f"(skipbench report {tmp_path / 'r'} lists them)" in text, text
     assert "tables/efficiency.md" not in text or (tmp_path / "r" / "tables" / "efficiency.md").is_file(), text
 
 

@@ -170,7 +170,7 @@ def test_a_detached_submission_is_reported_and_collected_by_a_later_sweep(submit
     # The tasks wrote their cells and the manifest themselves: `report` reads them before any collection.
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "self_speculative" in result.output and "exit 3" in result.output
+    assert "self E=1 K=2" in result.output and "self E=3 K=4" in result.output  # both groups' cells
     again = slurm(tmp_path, cluster="local", workers=2)  # collects: nothing left to submit
     assert again.running == 0 and not (tmp_path / "launch" / "slurm.json").exists()
     assert complete(tmp_path) and first_rows(tmp_path) == first_rows(reference)
@@ -214,7 +214,8 @@ def test_a_run_timed_on_two_devices_is_reported_per_device(submitit, tmp_path):
     assert "efficiency.md" not in files and "summary.csv" not in files
     assert "one table per device" in efficiency_markdown(tmp_path)
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
-    assert result.exit_code == 0 and "### NVIDIA H100 80GB HBM3" in result.output
+    text = " ".join(result.output.split())  # a title may wrap at the console's width
+    assert result.exit_code == 0 and "one table per device" in text and "on NVIDIA H100 80GB HBM3" in text
 
 
 # --------------------------------------------------------------------------- Ray

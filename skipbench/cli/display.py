@@ -128,7 +128,7 @@ def print_summary(store: RunStore, device: str | None = None, report: bool = Fal
         out.print(escape(f"d{index + 1}: draft model {name}"), soft_wrap=True)
     where = "tables/efficiency.md" if report else f"skipbench report {store.root}"
     for line in report_lines(summary, where=where):
-        out.print(escape(line), soft_wrap=True)
+        out.print(escape(line))  # wrapped at the terminal's width, like the table above it
     for error in store.errors() if device is None else []:
         out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}", soft_wrap=True)
 
