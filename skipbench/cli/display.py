@@ -88,6 +88,8 @@ def short_label(cell: Cell) -> str:
         parts.append(f"K={cell.num_speculations}")
     if cell.backend != "native":
         parts.append(cell.backend)
+    if cell.batch_size != 1:
+        parts.append(f"B={cell.batch_size}")
     if cell.replica:
         parts.append(f"#{cell.replica + 1}")
     return " ".join(parts)
@@ -107,7 +109,8 @@ def print_summary(store: RunStore, device: str | None = None) -> None:
         for name in devices:
             print_summary(store, name)
         for error in store.errors():
-            out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}", soft_wrap=True)
+            out.print(f"{'' if error.get('unsupported') else '[red]failed[/] '}{escape(error['cell_label'])}: "
+                  f"{escape(error['error'])}", soft_wrap=True)
         return
     summary, manifest = load_summary(store.root, device=device)
     target = (manifest.get("models") or {}).get("target") or {}
@@ -130,7 +133,8 @@ def print_summary(store: RunStore, device: str | None = None) -> None:
     for line in report_lines(summary):
         out.print(escape(line), soft_wrap=True)
     for error in store.errors() if device is None else []:
-        out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}", soft_wrap=True)
+        out.print(f"{'' if error.get('unsupported') else '[red]failed[/] '}{escape(error['cell_label'])}: "
+                  f"{escape(error['error'])}", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- training

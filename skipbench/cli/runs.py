@@ -122,7 +122,7 @@ def allow_execution(setup: spec.Setup, command_line: bool | None, uncontained: b
 
 def finish(stores: list[RunStore], force: bool = False) -> None:
     """Exit 3 when any cell of the sweep failed (after everything else finished)."""
-    failed = [error for store in stores for error in store.errors()]
+    failed = [error for store in stores for error in store.errors() if not error.get("unsupported")]
     if failed:
         again = "the same command without --force" if force else "the same command"
         console.print(f"[red]{len(failed)} cell(s) failed[/]; rerun {again} to retry only them", soft_wrap=True)
