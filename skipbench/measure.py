@@ -308,7 +308,8 @@ def measure(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], promp
         return
     active = list(dict.fromkeys(key for _, _, keys in schedule for key in keys))
     rounds = schedule[-1][0] + 1
-    yield Event("plan", numbers=(sum(len(keys) * len(chunk) for _, chunk, keys in schedule), rounds), text=" ".join(active))
+    generations = sum(len(keys) * len(chunk) for _, chunk, keys in schedule)
+    yield Event("plan", numbers=(generations, rounds), text=" ".join(active))
 
     built: dict[str, CellRunner] = {}
     failed: dict[str, str] = {}

@@ -76,3 +76,50 @@ def test_a_finished_rows_work_is_recorded_as_wasted():
     after = [entry for entry in short.passes if entry.step >= len(short.steps)]
     assert after and all(entry.kept_positions == 0 and entry.kept_head_positions == 0 for entry in after)
     assert all(entry.batch == 2 for entry in short.passes)
+
+
+def test_hf_batched_autoregressive_equals_each_prompt_alone():
+    from skipbench.hf import generate_hf
+    from skipbench.hf_batch import generate_hf_batch
+
+    model = make_model("gqa")
+    prompts = PROMPTS[:4]
+    reference = generate_hf(model, prompts[0], max_new_tokens=NEW, sampler=Sampler(), eos_ids=[], device=CPU)
+    eos = [reference.tokens[4]]
+    singles = [generate_hf(model, prompt, max_new_tokens=NEW, sampler=Sampler(), eos_ids=eos, device=CPU)
+               for prompt in prompts]
+    rows, wall = generate_hf_batch(model, prompts, max_new_tokens=NEW, sampler=Sampler(), eos_ids=eos, device=CPU)
+    for row, single in zip(rows, singles, strict=True):
+        assert row.tokens == single.tokens and row.stop_reason == single.stop_reason
+        assert row.verify_steps == single.verify_steps
+        assert len(row.token_times) == row.new_tokens and row.time_s <= wall
+    assert {row.stop_reason for row in rows} == {"eos", "length"}
+
+
+def test_a_batch_transformers_cannot_decode_is_recorded_as_unsupported(tmp_path):
+    """Assisted generation at B = 4: an unsupported record with the reason, in the tables; everything else runs
+    and the sweep does not count it as a failure."""
+    from skipbench.spec import Cell, Grid, Setup
+    from skipbench.store import RunStore
+    from skipbench.sweep import execute
+
+    setup = Setup(model="synthetic:tiny", prompts=("hello there", "a b c", "x", "one two three four"),
+                  max_new_tokens=4, repeats=1, warmup=0, threads=1)
+    cells = Grid(strategies=("self_speculative",), exits=(1,), speculations=(2,), backends=("native", "hf"),
+                 batch_sizes=(1, 4)).expand()
+    assert Cell("self_speculative", 1, 2, backend="hf", batch_size=4) in cells
+    assert Cell("autoregressive", batch_size=4) in cells and Cell("autoregressive") in cells
+    store = execute(setup, cells, tmp_path / "run")
+    errors = RunStore(tmp_path / "run").errors()
+    assert [(error["cell_label"], error.get("unsupported")) for error in errors] == [
+        ("self_speculative (hf) E=1 K=2 B=4", True)]
+    assert "assisted generation" in errors[0]["error"]
+    frame = store.read_cells()
+    assert sorted(frame["batch_size"].unique()) == [1, 4]
+    batched = frame[(frame["batch_size"] == 4) & (frame["strategy"] == "autoregressive")]
+    assert len(batched) == 8  # native and hf, four prompts each, one batch
+    from skipbench.report import write_report
+
+    write_report(tmp_path / "run")
+    table = (tmp_path / "run" / "tables" / "efficiency.md").read_text()
+    assert "unsupported at batch 4" in table

@@ -97,8 +97,11 @@ class BatchStack:
         past = list(cache.lengths[layer])
         heads = {None: 0, "all": fed, "last": 1}[head]
         if cache.traces is not None:
+            # Every row's queries are scored against the keys up to the batch's furthest position (the rest of its
+            # window is masked, yet computed): the pass's window, recorded as a static cache's is.
+            window = max(past) + fed if start < end else None
             for trace, context, count in zip(cache.traces, past, counts, strict=True):
-                trace.record(cache.model, start, end, fed, context, heads)
+                trace.record(cache.model, start, end, fed, context, heads, window)
                 entry = trace.passes[-1]
                 entry.batch = cache.rows
                 if trace.phase == "prefill":  # filler after a shorter prompt is wasted work
