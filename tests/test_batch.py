@@ -123,3 +123,26 @@ def test_a_batch_transformers_cannot_decode_is_recorded_as_unsupported(tmp_path)
     write_report(tmp_path / "run")
     table = (tmp_path / "run" / "tables" / "efficiency.md").read_text()
     assert "unsupported at batch 4" in table
+
+
+def test_latency_columns_and_the_batch_report():
+    import pandas as pd
+
+    from skipbench.batch_report import latency_table, speedup_lines
+    from skipbench.latency import latency_columns, tpot
+
+    rows = [{"ttft_s": 0.1, "e2e_s": 0.4, "new_tokens": 4, "token_times": [0.1, 0.1, 0.3, 0.4]},
+            {"ttft_s": 0.2, "e2e_s": 0.2, "new_tokens": 1, "token_times": [0.2]}]
+    columns = latency_columns(rows)
+    assert columns["ttft_p50_s"] == pytest.approx(0.15) and columns["e2e_p99_s"] == pytest.approx(0.398)
+    assert columns["tpot_p50_s"] == pytest.approx(tpot(0.1, 0.4, 4)) == pytest.approx(0.1)  # one request of >1
+    assert columns["itl_p50_s"] == pytest.approx(0.1)  # gaps 0 (a burst), 0.2, 0.1
+    assert latency_columns([{"new_tokens": 3}]) == {}  # rows of runs before latency columns
+    summary = pd.DataFrame([dict(cell_label=f"self_speculative E=1 K=2 B={b}", strategy="self_speculative",
+                                 exit_layer=1, num_speculations=2, draft_model=None, backend="native", replica=0,
+                                 draft_policy="static", batch_size=b, is_baseline=False, speedup=s, speedup_low=lo,
+                                 speedup_high=hi, **columns)
+                            for b, s, lo, hi in ((1, 1.5, 1.2, 1.8), (4, 1.1, 0.9, 1.3), (16, 0.7, 0.6, 0.8))])
+    (line,) = speedup_lines(summary)
+    assert line["stops_paying"] == 16 and line["batch"] == [1, 4, 16]
+    assert "TTFT p50" in latency_table(summary)
