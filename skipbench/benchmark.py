@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import string
+from dataclasses import replace
 from pathlib import Path
 
 from skipbench import intervals
@@ -52,13 +53,15 @@ def benchmark_cells(exits: list[int], speculations: list[int], draft: str | None
 def run_benchmark(model: str, draft: str | None, exits: list[int], speculations: list[int], out_dir: Path, *,
                   prompt_tokens: int = 512, new_tokens: int = 128, prompts: int = 3, repeats: int = 3,
                   dtype: str = "auto", device: str = "auto", threads: int | None = None, hf: bool = True,
-                  compiled: bool = True, progress: Progress | None = None) -> dict:
+                  compiled: bool = True, progress: Progress | None = None, batch_sizes: tuple[int, ...] = (1,)) -> dict:
     """Measure the roofline and every path; write RUN/benchmark.{json,md}; return the summary dict."""
     torch_device = resolve_device(device)
     setup = Setup(model=model, prompts=tuple(filler_prompt(prompt_tokens, seed) for seed in range(prompts)),
                   max_prompt_tokens=prompt_tokens, max_new_tokens=new_tokens, dtype=dtype, device=device,
                   warmup=2, repeats=repeats, threads=threads)
-    store = execute(setup, benchmark_cells(exits, speculations, draft, hf, compiled), out_dir, progress=progress)
+    cells = [replace(cell, batch_size=size) for size in batch_sizes
+             for cell in benchmark_cells(exits, speculations, draft, hf, compiled)]
+    store = execute(setup, cells, out_dir, progress=progress)
     peaks = measure_roofline(torch_device, resolve_dtype(dtype, torch_device))
     summary_frame, manifest = load_summary(out_dir)
     frame = store.read_cells()

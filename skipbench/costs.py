@@ -191,14 +191,15 @@ def pass_flops(shape: ModelShape, start, end, positions, context, head_positions
     return (end - start) * layer_flops(shape, positions, context, window) + lm_head_flops(shape, head_positions)
 
 
-def pass_bytes(shape: ModelShape, start, end, positions, context, head_positions, window=None):
-    """Bytes moved by the same pass: its weights read once plus its KV traffic; 0 when nothing runs."""
+def pass_bytes(shape: ModelShape, start, end, positions, context, head_positions, window=None, batch=1):
+    """Bytes moved by the same pass: its weights read once plus its KV traffic; 0 when nothing runs. A pass run
+    for a `batch` of rows reads its weights once for all of them: each row's pass is charged its share."""
     p = shape.params()
     # The head matrix is read whether or not it is tied to the embedding.
     head_weights = np.where(np.asarray(head_positions) > 0, p.final_norm + shape.vocab * shape.hidden, 0)
     weights = (end - start) * p.per_layer + head_weights
     kv = (end - start) * layer_kv_bytes(shape, positions, context, window)
-    return np.where(np.asarray(positions) > 0, weights * shape.bytes_per_param + kv, 0)
+    return np.where(np.asarray(positions) > 0, weights * shape.bytes_per_param / np.asarray(batch) + kv, 0)
 
 
 def _checked(shape: ModelShape, positions: int, context: int, start: int, end: int | None,
@@ -248,7 +249,7 @@ def params_resident(shape: ModelShape, draft_shape: ModelShape | None = None, *,
 # --------------------------------------------------------------------------- recorded passes
 
 PASS_FIELDS = ("phase", "model", "start", "end", "positions", "context", "head_positions", "kept_positions",
-               "kept_head_positions", "step", "window", "kept_window")
+               "kept_head_positions", "step", "window", "kept_window", "batch")
 
 
 def pass_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -257,6 +258,9 @@ def pass_table(rows: pd.DataFrame) -> pd.DataFrame:
     counts = rows["pass_phase"].map(len).to_numpy()
     table = {"row": np.repeat(np.arange(len(rows)), counts)}
     for name in PASS_FIELDS:
+        if f"pass_{name}" not in rows:  # rows of runs before batches: every pass ran for one row
+            table[name] = np.ones(counts.sum(), dtype=int)
+            continue
         values = rows[f"pass_{name}"]
         table[name] = np.concatenate([np.asarray(v) for v in values]) if counts.sum() else np.array([], dtype=int)
     return pd.DataFrame(table)
@@ -292,13 +296,14 @@ def costs_of_passes(passes: pd.DataFrame, shapes: Mapping[str, ModelShape]) -> P
                 part["window"].to_numpy())
         kept = (*span, part["kept_positions"].to_numpy(), part["context"].to_numpy(),
                 part["kept_head_positions"].to_numpy(), part["kept_window"].to_numpy())
-        pass_f, pass_b = pass_flops(shape, *args).astype(float), pass_bytes(shape, *args).astype(float)
+        batch = part["batch"].to_numpy() if "batch" in part else 1
+        pass_f, pass_b = pass_flops(shape, *args).astype(float), pass_bytes(shape, *args, batch=batch).astype(float)
         for phase in PHASES:
             chosen = (part["phase"] == phase).to_numpy()
             flops[phase] += pass_f[chosen].sum()
             moved[phase] += pass_b[chosen].sum()
         flops["wasted"] += (pass_f - pass_flops(shape, *kept)).sum()
-        moved["wasted"] += (pass_b - pass_bytes(shape, *kept)).sum()
+        moved["wasted"] += (pass_b - pass_bytes(shape, *kept, batch=batch)).sum()
     flops["total"] = sum(flops[phase] for phase in PHASES)
     moved["total"] = sum(moved[phase] for phase in PHASES)
     return PassCosts(flops, moved)

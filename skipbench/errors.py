@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class SpecError(UserError):
     """An invalid option or combination of options."""
+
+
+class Unsupported(UserError):
+    """A cell its method cannot run (e.g. transformers' assisted generation at batch > 1): recorded with the
+    reason and shown in the tables, never a crash and never a silent gap."""

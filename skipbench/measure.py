@@ -28,7 +28,8 @@ from skipbench.costs import PASS_FIELDS
 from skipbench.decoding.loop import synchronize
 from skipbench.decoding.record import COUNTS, Generation
 from skipbench.decoding.sampling import Sampler
-from skipbench.errors import UserError
+from skipbench.errors import Unsupported, UserError
+from skipbench.latency import row_latency, shared
 from skipbench.methods import BuildContext
 from skipbench.models import LoadedModel
 from skipbench.prompts import Prompt, PromptSet
@@ -65,6 +66,7 @@ class CellRunner:
                  prompt_set: PromptSet, context: BuildContext):
         self.cell, self.setup, self.target, self.prompt_set = cell, setup, target, prompt_set
         self.device = target.model.device
+        cell.method.check_batch(cell.batch_size)
         self.decoder = cell.method.build(cell, target, draft, context)
         self.eos = eos_ids(target)
         self.stop = stop_rule(prompt_set, target.tokenizer)
@@ -84,11 +86,29 @@ class CellRunner:
                                      sampler=self.sampler(prompt), eos_ids=self.eos, stop=self.stop,
                                      seed=self.seed(prompt))
 
+    def generate_batch(self, prompts: Sequence[Prompt]) -> tuple[list[Generation], float]:
+        """Decode a batch of prompts together (the cell's batch size > 1): rows and the batch's wall time."""
+        return self.decoder.generate_batch([prompt.token_ids for prompt in prompts],
+                                           max_new_tokens=self.prompt_set.max_new_tokens,
+                                           samplers=[self.sampler(prompt) for prompt in prompts], eos_ids=self.eos,
+                                           stop=self.stop, seed=self.seed(prompts[0]))
+
     def warm_up(self) -> None:
         """Compile every shape the cell runs (timed apart, as compile time), then the uncounted generations."""
         self.decoder.warm()
+        prompts, size = self.prompt_set.prompts, self.cell.batch_size
         for index in range(self.setup.warmup):
-            self.generate(self.prompt_set.prompts[index % len(self.prompt_set.prompts)])
+            if size > 1:
+                self.generate_batch([prompts[(index * size + i) % len(prompts)] for i in range(size)])
+            else:
+                self.generate(prompts[index % len(prompts)])
+
+    def batch_rows(self, prompts: Sequence[Prompt], scored: Sequence[dict | None]) -> list[dict]:
+        """Decode a batch and return its rows, each with its share of the batch's time (`latency.shared`)."""
+        generations, wall = self.generate_batch(prompts)
+        shares = shared(generations, wall)
+        return [self.row(prompt, generation, score) | share for prompt, generation, score, share
+                in zip(prompts, generations, scored, shares, strict=True)]
 
     def row(self, prompt: Prompt, generation: Generation, scored: dict | None) -> dict:
         """The stored record of one generation; `scored`: quality already computed for this prompt."""
@@ -112,6 +132,10 @@ class CellRunner:
             **{f"pass_{name}": [getattr(entry, name) for entry in generation.passes] for name in PASS_FIELDS},
             "stop_reason": generation.stop_reason,
             "tokens": generation.tokens,
+            "batch_size": self.cell.batch_size,
+            "batch_rows": 1,
+            "batch_time_s": generation.time_s,
+            **row_latency(generation),
             "text": text,
             "completion": completion,
         }
@@ -231,8 +255,8 @@ class Event:
     """One thing a group's measurement reports, in order. A consumer records them: the run's store, in the
     same process or on the driver of remote workers (`record`)."""
 
-    kind: str  # "plan" | "warming" | "row" | "round" | "done" | "skipped" | "failed"; remote workers add
-    # "worker" (where it runs, the manifest) and "note", which the launchers consume (skipbench.launch)
+    kind: str  # "plan" | "warming" | "row" | "round" | "done" | "skipped" | "failed" | "unsupported"; remote
+    # workers add "worker" (where it runs, the manifest) and "note", which the launchers consume (skipbench.launch)
     key: str | None = None
     row: dict | None = None
     text: str = ""  # "failed": the error
@@ -267,19 +291,25 @@ def measure(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], promp
     for key in cells:
         if needed[key] == 0 and key not in baselines:
             yield Event("skipped", key)
-    schedule = []  # (session round, prompt, keys in the order they run)
+    schedule = []  # (session round, prompts decoded together, keys in the order they run)
+    sizes = sorted({cell.batch_size for cell in cells.values()})
     for session_round in range(max(needed.values(), default=0)):
-        for prompt in prompts:
-            chosen = with_anchors({key for key in cells if wanted(key, prompt, session_round)})
-            keys = [key for key in cells if key in chosen]  # grid order, baselines first
-            if keys:
-                shift = (session_round * len(prompts) + prompt.index) % len(keys)
-                schedule.append((session_round, prompt, keys[shift:] + keys[:shift]))
+        for size in sizes:  # batch 1 first: a run without batches is scheduled as before batches existed
+            chunks = [prompts[start : start + size] for start in range(0, len(prompts), size)]
+            for number, chunk in enumerate(chunks):
+                chosen = with_anchors({key for key, cell in cells.items() if cell.batch_size == size
+                                       and any(wanted(key, prompt, session_round) for prompt in chunk)})
+                keys = [key for key in cells if key in chosen]  # grid order, baselines first
+                if keys:
+                    place = chunk[0].index if size == 1 else number
+                    shift = (session_round * len(chunks) + place) % len(keys)
+                    schedule.append((session_round, chunk, keys[shift:] + keys[:shift]))
     if not schedule:
         return
     active = list(dict.fromkeys(key for _, _, keys in schedule for key in keys))
     rounds = schedule[-1][0] + 1
-    yield Event("plan", numbers=(sum(len(keys) for _, _, keys in schedule), rounds), text=" ".join(active))
+    generations = sum(len(keys) * len(chunk) for _, chunk, keys in schedule)
+    yield Event("plan", numbers=(generations, rounds), text=" ".join(active))
 
     built: dict[str, CellRunner] = {}
     failed: dict[str, str] = {}
@@ -289,6 +319,9 @@ def measure(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], promp
             return action(), None
         except (MeasurementError, KeyboardInterrupt):
             raise
+        except Unsupported as error:  # the method cannot run this cell (a batch): recorded with the reason
+            failed[key] = str(error)
+            return None, Event("unsupported", key, text=str(error))
         except Exception as error:  # any failure of one method must not stop the others (recorded, retried)
             message = f"{type(error).__name__}: {_first_line(error)}"
             if key in baselines:
@@ -312,26 +345,36 @@ def measure(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], promp
     first_round = rows.last_round() + 1
     device = next(iter(built.values())).device
     where = {"host": platform.node(), "device": device_name(device)}
-    for session_round, prompt, keys in schedule:
+    for session_round, chunk, keys in schedule:
         for key in keys:
             if key in failed:
                 continue
             _reset_peak(device)
             cpu_began = time.process_time()
-            generation, failure = attempt(key, lambda key=key, prompt=prompt: built[key].generate(prompt))
+            firsts = [rows.first(key, prompt.index) for prompt in chunk]
+            scored = [{name: value for name, value in first.items() if name.startswith("quality_")} if first else None
+                      for first in firsts]
+            if cells[key].batch_size > 1:
+                made, failure = attempt(key, lambda key=key, chunk=chunk, scored=scored: built[key].batch_rows(
+                    chunk, scored))
+            else:
+                generation, failure = attempt(key, lambda key=key, prompt=chunk[0]: built[key].generate(prompt))
+                made = None if failure else [built[key].row(chunk[0], generation, scored[0])]
             cpu_s = time.process_time() - cpu_began  # every thread of this process (`machine.preempted`)
             if failure is not None:
                 yield failure
                 continue
-            first = rows.first(key, prompt.index)
-            scored = {name: value for name, value in first.items() if name.startswith("quality_")} if first else None
-            row = built[key].row(prompt, generation, scored) | where | {
-                "group": group, "round": first_round + session_round, "repeat": rows.count(key, prompt.index),
-                "peak_mem_bytes": _peak(device), "cpu_s": cpu_s, "cpu_threads": torch.get_num_threads()}
-            _check_repeat(cells[key], first, row, sampled)
-            rows.add(key, row)
-            yield Event("row", key, row)
-        if prompt is prompts[-1]:
+            for prompt, first, row in zip(chunk, firsts, made, strict=True):
+                if len(chunk) > 1 and not wanted(key, prompt, session_round):
+                    continue  # a batch decodes all its prompts; this one already has its rows
+                row = row | where | {
+                    "group": group, "round": first_round + session_round, "repeat": rows.count(key, prompt.index),
+                    "peak_mem_bytes": _peak(device), "cpu_s": cpu_s / len(made), "cpu_threads": torch.get_num_threads(),
+                    "batch_index": chunk[0].index // cells[key].batch_size}
+                _check_repeat(cells[key], first, row, sampled)
+                rows.add(key, row)
+                yield Event("row", key, row)
+        if chunk[-1] is prompts[-1] and cells[keys[0]].batch_size == sizes[-1]:
             yield Event("round", numbers=(session_round, rounds))
     for key in active:
         if key not in failed:
@@ -355,6 +398,9 @@ def record(events: Iterator[Event], store: RunStore, cells: dict[str, Cell], sto
         elif event.kind == "failed":
             store.write_error(event.key, cells[event.key], event.text)
             progress.cell_done(cells[event.key], f"failed: {event.text}")
+        elif event.kind == "unsupported":
+            store.write_error(event.key, cells[event.key], event.text, unsupported=True)
+            progress.cell_done(cells[event.key], event.text)
         elif event.kind == "skipped":
             progress.cell_done(cells[event.key], "skipped")
         elif event.kind == "plan":

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from skipbench.decoding import policy as policies
-from skipbench.errors import SpecError
+from skipbench.errors import SpecError, Unsupported
 
 if TYPE_CHECKING:  # torch and the engines load when a decoder is built, not when the CLI parses its options
     import torch
@@ -41,6 +41,11 @@ class Decoder(Protocol):
     def generate(self, prompt: list[int], *, max_new_tokens: int, sampler: Sampler, eos_ids: Sequence[int],
                  stop: Callable[[list[int]], bool] | None, seed: int) -> Generation:
         """Decode one prompt, timed device-synchronised."""
+
+    def generate_batch(self, prompts: Sequence[list[int]], *, max_new_tokens: int, samplers: Sequence[Sampler],
+                       eos_ids: Sequence[int], stop: Callable[[list[int]], bool] | None,
+                       seed: int) -> tuple[list[Generation], float]:
+        """Decode prompts together (batch > 1): one record per row and the batch's wall time."""
 
     def warm(self) -> None:
         """Compile whatever the decoder will run, so no cell's time holds a compilation."""
@@ -96,6 +101,13 @@ class Method:
     eager_layers: bool = True
     # Which draft policies (decoding.policy) it runs: "all", "transformers" (generate()'s own options) or "static".
     policy_support: str = "all"
+    # Why it cannot decode batches (B > 1); empty: it can. Such cells are recorded as unsupported, with this reason.
+    batch_refusal: str = ""
+
+    def check_batch(self, batch_size: int) -> None:
+        """Raise Unsupported, with the reason, for a batch this method cannot decode."""
+        if batch_size > 1 and self.batch_refusal:
+            raise Unsupported(f"unsupported at batch {batch_size}: {self.batch_refusal}")
 
     @property
     def speculates(self) -> bool:
@@ -190,6 +202,7 @@ class NativeDecoder:
     draft_policy: str = policies.STATIC
     num_layers: int = 0
     head_layers: float = 0.0  # LM head parameters over one decoder layer's (the dynamic-exit policy's cost model)
+    batched: object = None  # decoding.batch.BatchEngine: the same strategy on batches (eager engine only)
 
     def generate(self, prompt, *, max_new_tokens, sampler, eos_ids, stop, seed) -> Generation:
         from skipbench.decoding.loop import generate
@@ -198,6 +211,13 @@ class NativeDecoder:
         return generate(self.strategy, prompt, max_new_tokens=max_new_tokens,
                         num_speculations=self.num_speculations, sampler=sampler, eos_ids=eos_ids,
                         device=self.device, stop=stop, policy=policy)
+
+    def generate_batch(self, prompts, *, max_new_tokens, samplers, eos_ids, stop, seed):
+        from skipbench.decoding.batch import generate_batch
+
+        return generate_batch(self.batched, prompts, max_new_tokens=max_new_tokens,
+                              num_speculations=self.num_speculations, samplers=samplers, eos_ids=eos_ids,
+                              device=self.device, stop=stop)
 
     def warm(self) -> None:
         from skipbench.decoding.layers import EngineError
@@ -225,6 +245,8 @@ def _native(kind: str, compiled: bool = False) -> Callable[[Cell, LoadedModel, L
                                                               Decoder]:
     def build(cell: Cell, target: LoadedModel, draft: LoadedModel | None, context: BuildContext) -> Decoder:
         from skipbench.decoding.autoregressive import Autoregressive
+        from skipbench.decoding.batch import BatchEngine
+        from skipbench.decoding.batch_stack import BatchStack
         from skipbench.decoding.self_speculative import SelfSpeculative
         from skipbench.decoding.speculative import TwoModel
 
@@ -237,9 +259,14 @@ def _native(kind: str, compiled: bool = False) -> Callable[[Cell, LoadedModel, L
             strategy = TwoModel(stack, context.stack(draft, compiled))
         else:
             strategy = Autoregressive(stack)
+        batched = None
+        if getattr(cell, "batch_size", 1) > 1:
+            draft_stack = BatchStack(context.stack(draft, compiled)) if kind == "draft_model" else None
+            batched = BatchEngine(BatchStack(stack), None if kind == "none" else kind,
+                                  getattr(strategy, "exit_layer", None), draft_stack)
         layer = sum(weight.numel() for weight in stack.layers[0].parameters())
         return NativeDecoder(strategy, cell.num_speculations or 0, target.model.device, context.sample, draft_policy,
-                             stack.num_layers, stack.lm_head.weight.numel() / layer)
+                             stack.num_layers, stack.lm_head.weight.numel() / layer, batched)
 
     return build
 
@@ -263,6 +290,13 @@ class HfDecoder:
                            device=self.target.device, exit_layer=self.exit_layer, draft=self.draft,
                            num_speculations=self.num_speculations, seed=seed, static_cache=self.static_cache,
                            stop=stop, draft_policy=self.draft_policy)
+
+    def generate_batch(self, prompts, *, max_new_tokens, samplers, eos_ids, stop, seed):
+        from skipbench.hf_batch import generate_hf_batch
+
+        return generate_hf_batch(self.target, prompts, max_new_tokens=max_new_tokens, sampler=samplers[0],
+                                 eos_ids=eos_ids, device=self.target.device, seed=seed,
+                                 static_cache=self.static_cache, stop=stop)
 
     def warm(self) -> None:
         pass  # transformers compiles its static cache path itself, in the cell's uncounted warm-up
@@ -294,20 +328,27 @@ register(Method("speculative", "native", "2-model", "a separate draft model prop
 register(Method("self_speculative", "native", "self", "layers < E draft K tokens; shared KV and exit-query cache",
                 drafter="exit", draft_cache=None, build=_native("exit"), check_models=_engine_drives))
 # The same engine with static shapes and torch.compile (CUDA graphs on a GPU); `--compile` selects it.
+COMPILED_BATCH = "the compiled engine decodes one prompt at a time so far (batched static shapes: not built yet)"
+ASSISTED_BATCH = ("transformers' assisted generation decodes one prompt at a time (generate() refuses a batch "
+                  "larger than 1)")
 register(Method("autoregressive", "compiled", "AR", "skipbench's engine, static shapes, torch.compile",
                 drafter=None, draft_cache=None, build=_native("none", compiled=True), check_models=_engine_drives,
-                eager_layers=False, policy_support="static"))
+                eager_layers=False, policy_support="static",
+                batch_refusal=COMPILED_BATCH))
 register(Method("speculative", "compiled", "2-model", "the two-model engine, static shapes, torch.compile",
                 drafter="draft_model", draft_cache="draft_model", build=_native("draft_model", compiled=True),
-                check_models=_engine_drives, eager_layers=False, policy_support="static"))
+                check_models=_engine_drives, eager_layers=False, policy_support="static",
+                batch_refusal=COMPILED_BATCH))
 register(Method("self_speculative", "compiled", "self", "the self-speculative engine, static shapes, torch.compile",
                 drafter="exit", draft_cache=None, build=_native("exit", compiled=True), check_models=_engine_drives,
-                eager_layers=False, policy_support="static"))
+                eager_layers=False, policy_support="static",
+                batch_refusal=COMPILED_BATCH))
 register(Method("autoregressive", "hf", "AR", "transformers generate()", drafter=None, draft_cache=None, build=_hf()))
 register(Method("speculative", "hf", "2-model", "transformers generate(assistant_model=D)",
-                drafter="draft_model", draft_cache="draft_model", build=_hf(), policy_support="transformers"))
+                drafter="draft_model", draft_cache="draft_model", build=_hf(), policy_support="transformers",
+                batch_refusal=ASSISTED_BATCH))
 register(Method("self_speculative", "hf", "self", "transformers generate(assistant_early_exit=E): shares weights only",
                 drafter="exit", draft_cache="exit_layers", build=_hf(), check_models=_early_exit_works,
-                policy_support="transformers"))
+                policy_support="transformers", batch_refusal=ASSISTED_BATCH))
 register(Method("autoregressive", "hf_static", "AR", "transformers generate() with a static cache (compiled on CUDA)",
                 drafter=None, draft_cache=None, build=_hf(static_cache=True), eager_layers=False))

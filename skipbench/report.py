@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from skipbench.batch_report import write_batch_report
 from skipbench.errors import UserError
 from skipbench.plots import plot_run
 from skipbench.summary import device_slug, load_summary, run_devices
@@ -25,6 +26,8 @@ def write_report(run_dir: Path | str, *, peak_bandwidth: float | None = None, pe
         raise UserError(f"{run_dir} holds no finished cell yet (a cell is finished when every prompt is measured): "
                         f"run or resume its sweep first")
     written = write_tables(run_dir, summary, manifest, device)
+    where = run_dir / "plots" / (device_slug(device) if device else "")
     if plots:
-        written += plot_run(summary, manifest, run_dir / "plots" / (device_slug(device) if device else ""))
+        written += plot_run(summary, manifest, where)
+    written += write_batch_report(summary, run_dir / "tables", where if plots else None)
     return written

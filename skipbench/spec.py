@@ -31,6 +31,7 @@ class Cell:
     backend: str = "native"
     replica: int = 0  # > 0: an independent copy of the same cell, e.g. an autoregressive A/A control
     draft_policy: str = "static"  # decoding.policy: static (E and K fixed), confidence:T, heuristic, dynamic-exit
+    batch_size: int = 1  # prompts decoded together; 1 (the default) keeps the keys of runs before batches
 
     def label(self) -> str:
         parts = [self.strategy if self.backend == "native" else f"{self.strategy} ({self.backend})"]
@@ -42,6 +43,8 @@ class Cell:
             parts.append(f"K={self.num_speculations}")
         if self.draft_policy != "static":
             parts.append(self.draft_policy)
+        if self.batch_size != 1:
+            parts.append(f"B={self.batch_size}")
         if self.replica:
             parts.append(f"(replica {self.replica})")
         return " ".join(parts)
@@ -52,6 +55,7 @@ class Cell:
         parts += [f"E={self.exit_layer}"] if self.exit_layer is not None else []
         parts += [f"K={self.num_speculations}"] if self.num_speculations is not None else []
         parts += [self.backend] if self.backend != "native" else []
+        parts += [f"B={self.batch_size}"] if self.batch_size != 1 else []
         if self.replica:
             parts.append("control" if not self.method.speculates else f"#{self.replica + 1}")
         return " ".join(parts)
@@ -62,12 +66,18 @@ class Cell:
 
     def check(self, num_layers: int | None = None) -> None:
         """Refuse impossible knobs; with the model's layer count also an exit layer outside it."""
+        if self.batch_size < 1:
+            raise SpecError(f"batch size must be >= 1 (got {self.batch_size})")
+        if self.batch_size > 1 and self.draft_policy != "static":
+            raise SpecError(f"draft policy {self.draft_policy} plans each prompt's rounds alone: batches (B > 1) "
+                            f"take the static policy only")
         self.method.check(self, num_layers)
 
     def identity(self) -> tuple:
         """What the cell is, whatever run it belongs to: how cells are matched across runs and tables."""
         fixed = (self.strategy, self.exit_layer, self.num_speculations, self.draft_model, self.backend, self.replica)
-        return fixed if self.draft_policy == "static" else (*fixed, self.draft_policy)  # static: keys of older runs
+        fixed = fixed if self.draft_policy == "static" else (*fixed, self.draft_policy)  # static: keys of older runs
+        return fixed if self.batch_size == 1 else (*fixed, ("batch", self.batch_size))  # batch 1: likewise
 
     @classmethod
     def from_record(cls, record) -> Cell:
@@ -86,9 +96,13 @@ class Cell:
             policy = get("draft_policy")
         except (KeyError, AttributeError):  # rows and manifests of runs before draft policies
             policy = None
+        try:
+            batch = whole(get("batch_size")) or 1
+        except (KeyError, AttributeError):  # rows and manifests of runs before batches
+            batch = 1
         return cls(str(get("strategy")), whole(get("exit_layer")), whole(get("num_speculations")),
                    None if draft is None or draft != draft else str(draft), str(get("backend") or "native"), replica,
-                   "static" if policy is None or policy != policy else str(policy))
+                   "static" if policy is None or policy != policy else str(policy), batch)
 
 
 @dataclass(frozen=True)
@@ -175,10 +189,12 @@ def identity_fields(setup: Setup) -> dict:
 
 
 def described(cell: Cell, replica: bool = True) -> dict:
-    """The cell's fields for hashing; the static draft policy is left out, so keys and run directories of runs
-    from before draft policies stay valid (and, where `replica` is False, a replica of 0 likewise)."""
+    """The cell's fields for hashing; the static draft policy and a batch size of 1 are left out, so keys and run
+    directories of runs from before draft policies and batches stay valid (and, where `replica` is False, a
+    replica of 0 likewise)."""
     return {k: v for k, v in asdict(cell).items()
-            if (k != "draft_policy" or v != "static") and (replica or k != "replica" or v)}
+            if (k != "draft_policy" or v != "static") and (k != "batch_size" or v != 1)
+            and (replica or k != "replica" or v)}
 
 
 def cell_key(setup: Setup, cell: Cell) -> str:
@@ -196,7 +212,9 @@ def with_baseline(cells: list[Cell], backends: Sequence[str] | None = None, cont
     interval must contain 1.00 on a trustworthy machine."""
     if backends is None:
         backends = sorted({cell.backend for cell in cells}, key=methods.backends().index)
-    baselines = [Cell(methods.baseline_strategy(), backend=name) for name in backends]
+    sizes = sorted({cell.batch_size for cell in cells} or {1})
+    baselines = [Cell(methods.baseline_strategy(), backend=name, batch_size=size) for size in sizes
+                 for name in backends]
     controls = [replace(cell, replica=1) for cell in baselines] if control else []
     rest = [cell for cell in cells if cell not in baselines and cell not in controls]
     return [*baselines, *controls, *rest]
@@ -209,7 +227,8 @@ def baseline_of(cell: Cell, cells: Sequence[Cell]) -> Cell | None:
     speculation buys in that implementation), else by the native engine's. An autoregressive cell of another
     backend divides by the native engine's (how fast that implementation is); the native one is its own.
     """
-    baselines = [other for other in cells if not other.method.speculates and not other.replica]
+    baselines = [other for other in cells if not other.method.speculates and not other.replica
+                 and other.batch_size == cell.batch_size]  # a baseline decodes batches of the same size
     own = [other for other in baselines if other.backend == cell.backend]
     native = [other for other in baselines if other.backend == "native"]
     if not cell.method.speculates and not cell.replica:
@@ -257,6 +276,7 @@ class Grid:
     backends: tuple[str, ...] = ("native",)
     control: bool = False  # add an autoregressive A/A control per backend
     draft_policies: tuple[str, ...] = ("static",)  # a policy that chooses the exit crosses K only
+    batch_sizes: tuple[int, ...] = (1,)  # every cell at each batch size, each with its own baseline
 
     def expand(self) -> list[Cell]:
         """Every (strategy, exit, K, draft, backend) asked for, after the autoregressive baseline(s)."""
@@ -278,6 +298,13 @@ class Grid:
                             raise SpecError(f"a {strategy} sweep needs at least one --draft-model")
                         cells += [Cell(strategy, None, k, d, backend, 0, name) for d in self.draft_models
                                   for k in self.speculations]
+        if any(size < 1 for size in self.batch_sizes):
+            raise SpecError(f"batch sizes must be >= 1 (got {', '.join(map(str, self.batch_sizes))})")
+        if self.batch_sizes != (1,):
+            if max(self.batch_sizes) > 1 and any(cell.draft_policy != "static" for cell in cells):
+                raise SpecError("draft policies other than static plan each prompt alone: a sweep with batch "
+                                "sizes > 1 takes the static policy only")
+            cells = [replace(cell, batch_size=size) for size in self.batch_sizes for cell in cells]
         return with_baseline(cells, self.backends, self.control)
 
 
@@ -299,7 +326,8 @@ def _as_ints(value, name: str) -> tuple[int, ...]:
 
 def grid_from(values: dict) -> Grid:
     """A Grid from a sweep file's [sweep] table or the CLI (strings like "2..16" or lists)."""
-    known = {"strategies", "exits", "speculations", "draft_models", "backends", "control", "draft_policies"}
+    known = {"strategies", "exits", "speculations", "draft_models", "backends", "control", "draft_policies",
+             "batch_sizes"}
     unknown = set(values) - known
     if unknown:
         raise SpecError(f"unknown sweep key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -321,6 +349,8 @@ def grid_from(values: dict) -> Grid:
         changes["draft_policies"] = tuple(_as_list(values["draft_policies"], "draft_policies"))
         for name in changes["draft_policies"]:
             policies.parse(name)
+    if "batch_sizes" in values:
+        changes["batch_sizes"] = _as_ints(values["batch_sizes"], "batch_sizes")
     if "control" in values:
         if not isinstance(values["control"], bool):
             raise SpecError(f"control must be true or false (got {values['control']!r})")

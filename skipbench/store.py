@@ -215,8 +215,12 @@ class RunStore:
         write_atomic(self.cell_path(key, group), frame.to_parquet(index=False))
         self.error_path(key).unlink(missing_ok=True)
 
-    def write_error(self, key: str, cell: Cell, error: str) -> None:
-        record = {**asdict(cell), "cell_key": key, "cell_label": cell.label(), "error": error}
+    def write_error(self, key: str, cell: Cell, error: str, unsupported: bool = False) -> None:
+        """A cell that failed, or (`unsupported`) that its method cannot run: kept, shown, never measured."""
+        fields = {name: value for name, value in asdict(cell).items() if name != "batch_size" or value != 1}
+        record = {**fields, "cell_key": key, "cell_label": cell.label(), "error": error}
+        if unsupported:
+            record["unsupported"] = True
         write_atomic(self.error_path(key), json.dumps(record, indent=2).encode())
 
     def errors(self) -> list[dict]:

@@ -17,6 +17,7 @@ import pandas as pd
 from skipbench import calibrate, costs, intervals, machine
 from skipbench.errors import UserError
 from skipbench.intervals import MIN_UNITS
+from skipbench.latency import latency_columns
 from skipbench.pairing import accept_by_position, first_difference, first_rows, rounds_of, units
 from skipbench.ranking import rank_grid
 from skipbench.spec import Cell, baseline_of
@@ -86,7 +87,9 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
         record = {"cell_key": key, "cell_label": cell.label(), **dict(zip(IDENTITY, cell.identity()[:len(IDENTITY)],
                                                                           strict=True))}
         record["draft_policy"] = cell.draft_policy
+        record["batch_size"] = cell.batch_size
         record |= _cell_stats(rows)
+        record |= latency_columns(rows.to_dict("records"))
         base = baseline_of(cell, list(cells.values()))
         base_key = next((k for k, c in cells.items() if c == base), None)
         record |= _versus_baseline(rows, groups.get(base_key))

@@ -377,7 +377,8 @@ def write_tables(run_dir: Path, summary: pd.DataFrame, manifest: dict, device: s
     tag = device_slug(device) if device else None
     directory = run_dir / "tables"
     notes = provenance_notes(manifest)
-    failed = [f"failed: {e.get('cell_label')}: {e.get('error')}" for e in RunStore(run_dir).errors()]
+    failed = [f"{e.get('cell_label')}: {e.get('error')}" if e.get("unsupported") else
+              f"failed: {e.get('cell_label')}: {e.get('error')}" for e in RunStore(run_dir).errors()]
     extra = failed + [f"warning: {w}" for w in cell_warnings(summary)] + list(summary.attrs.get("problems", []))
     written = write_table(directory, _suffix("efficiency", tag), *efficiency_table(summary, manifest), notes + extra)
     grid = exit_cells(summary)

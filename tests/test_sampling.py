@@ -171,3 +171,41 @@ def test_sampled_draft_policies_keep_the_targets_joint_distribution(policy):
         drafted.add(tuple(step.drafted for step in record.steps))
     assert len(drafted) > 1  # the policy really varied the rounds
     assert chi_square_pvalue(counts, joint) > 0.001
+
+
+def test_sampled_batches_keep_each_rows_joint_distribution():
+    """Batched (B = 4, prompts of different lengths in one batch): every row's first two tokens still follow the
+    target's joint distribution for its own prompt, through the per-row acceptance rule, each row with its own
+    generator. Two strategies in one: self-speculative (K=2, so some rows draft past their budget) and two-model."""
+    from skipbench.decoding.batch import BatchEngine, generate_batch
+    from skipbench.decoding.batch_stack import BatchStack
+
+    vocab = 6
+    model = make_model("gqa", seed=4, vocab_size=vocab)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    prompts = [[1, 5, 3], [2, 4], [1, 5, 3, 0, 2, 1], [3]]
+
+    def next_probs(tokens):
+        with torch.no_grad():
+            return torch.softmax(model(torch.tensor([tokens])).logits[0, -1].double(), -1)
+
+    joints = []
+    for prompt in prompts:
+        first = next_probs(prompt)
+        joints.append(torch.stack([first[a] * next_probs([*prompt, a]) for a in range(vocab)]).flatten())
+    stack = BatchStack(DecoderStack(model))
+    draft = BatchStack(DecoderStack(make_model("gqa", seed=9, vocab_size=vocab)))
+    for engine, k in ((BatchEngine(stack, "exit", 1), 2), (BatchEngine(stack, "draft_model", draft=draft), 1)):
+        counts = torch.zeros(len(prompts), vocab * vocab)
+        for seed in range(800):
+            samplers = [Sampler(sample=True, generator=torch.Generator().manual_seed(seed * 10 + row))
+                        for row in range(len(prompts))]
+            rows, _ = generate_batch(engine, prompts, max_new_tokens=2, num_speculations=k, samplers=samplers,
+                                     eos_ids=[], device=torch.device("cpu"))
+            for index, row in enumerate(rows):
+                counts[index, row.tokens[0] * vocab + row.tokens[1]] += 1
+        for index, joint in enumerate(joints):
+            assert chi_square_pvalue(counts[index], joint) > 0.001, (engine.drafter, index)
+        # A wrong row's distribution would fail: row 0's counts against row 1's prompt.
+        assert chi_square_pvalue(counts[0], joints[1]) < 1e-6

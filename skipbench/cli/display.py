@@ -98,7 +98,8 @@ def print_summary(store: RunStore, device: str | None = None, report: bool = Fal
         for name in devices:
             print_summary(store, name, report)
         for error in store.errors():
-            out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}", soft_wrap=True)
+            out.print(f"{'' if error.get('unsupported') else '[red]failed[/] '}{escape(error['cell_label'])}: "
+                  f"{escape(error['error'])}", soft_wrap=True)
         return
     summary, manifest = load_summary(store.root, device=device)
     target = (manifest.get("models") or {}).get("target") or {}
@@ -130,7 +131,8 @@ def print_summary(store: RunStore, device: str | None = None, report: bool = Fal
     for line in report_lines(summary, where=where):
         out.print(escape(line))  # wrapped at the terminal's width, like the table above it
     for error in store.errors() if device is None else []:
-        out.print(f"[red]failed[/] {escape(error['cell_label'])}: {escape(error['error'])}", soft_wrap=True)
+        out.print(f"{'' if error.get('unsupported') else '[red]failed[/] '}{escape(error['cell_label'])}: "
+                  f"{escape(error['error'])}", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- training

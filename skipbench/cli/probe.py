@@ -73,6 +73,8 @@ def benchmark(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     threads: int = ThreadsOpt, out_dir: Path = typer.Option(None, "--out", "-o", help="Run directory (default: "
                                                             "runs/benchmark-<date>-<time>)."),
+    batch_sizes: str = typer.Option("1", "--batch-sizes", help="Prompts decoded together, e.g. 1,8,32 (use "
+                                    "--prompts of at least the largest)."),
 ) -> None:
     """The engine benchmark: native and transformers paths on one model vs the measured roofline.
 
@@ -86,5 +88,6 @@ def benchmark(
             summary = run_benchmark(model, draft_model or None, spec.parse_range(exits),
                                     spec.parse_range(speculations), target, prompt_tokens=prompt_tokens,
                                     new_tokens=new_tokens, prompts=prompts, repeats=repeats or 3, dtype=dtype,
-                                    device=device, threads=threads, hf=hf, compiled=compiled, progress=progress)
+                                    device=device, threads=threads, hf=hf, compiled=compiled, progress=progress,
+                                    batch_sizes=tuple(spec.parse_range(batch_sizes)))
         out.print(escape(benchmark_markdown(summary)))

@@ -129,7 +129,7 @@ def allow_execution(setup: spec.Setup, command_line: bool | None, uncontained: b
 
 def finish(stores: list[RunStore], force: bool = False) -> None:
     """Exit 3 when any cell of the sweep failed (after everything else finished)."""
-    failed = [error for store in stores for error in store.errors()]
+    failed = [error for store in stores for error in store.errors() if not error.get("unsupported")]
     if failed:
         again = "the same command without --force" if force else "the same command"
         console.print(f"[red]{len(failed)} cell(s) failed[/]; rerun {again} to retry only them", soft_wrap=True)
@@ -172,6 +172,8 @@ def run(
     draft_policy: str = typer.Option("static", "--draft-policy", help="static (fixed E and K), confidence:T, "
                                      "heuristic or dynamic-exit; K is the most a round drafts (heuristic: its start)."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip the autoregressive baseline."),
+    batch_sizes: str = typer.Option("1", "--batch-sizes", help="Prompts decoded together, e.g. 1,4,16: the cell "
+                                    "(and its baseline) at each batch size."),
     out_dir: Path = OutOpt, force: bool = ForceOpt,
     model: str = ModelOpt, prompt: list[str] = PromptOpt, dataset: str = typer.Option(None, "--dataset", "-d",
                                                                                       help="cnn_dm, humaneval, "
@@ -210,8 +212,11 @@ def run(
                 layers = getattr(pretrained_config(setup.model), "num_hidden_layers", None)
             exit_layer = max(1, layers // 4) if layers else None
         cell = spec.Cell(strategy, exit_layer, num_speculations, draft_model, backend, draft_policy=draft_policy)
+        cells = [replace(cell, batch_size=size) for size in spec.parse_range(batch_sizes)]
+        for each in cells:
+            each.check()
         # Speedup and losslessness need the baseline on the same prompts: speculative runs add it.
-        cells = spec.with_baseline([cell]) if method.speculates and not no_baseline else [cell]
+        cells = spec.with_baseline(cells) if method.speculates and not no_baseline else cells
         if dry_run:
             print_dry_run(setup, cells, gpus, gpu_memory, peak_bandwidth, peak_flops, acceptance)
             return
@@ -243,6 +248,8 @@ def sweep(
                                        "confidence:T, heuristic, dynamic-exit (default static)."),
     control: bool = typer.Option(None, "--control/--no-control", help="Add a second autoregressive cell, timed "
                                  "like any other: an A/A control whose speedup interval should contain 1.00."),
+    batch_sizes: str = typer.Option(None, "--batch-sizes", help="Prompts decoded together, e.g. 1,4,16: every "
+                                    "cell at each batch size, each against autoregressive at the same size."),
     out_dir: Path = OutOpt, force: bool = ForceOpt,
     report: bool = typer.Option(True, "--report/--no-report", help="Write tables and plots when done."),
     model: str = ModelOpt, prompt: list[str] = PromptOpt,
@@ -270,7 +277,7 @@ def sweep(
         given = setup_options(locals())
         grid = dict(exits=exits, speculations=speculations, strategies=strategies, backends=backends,
                     draft_models=list(draft_model) if draft_model else None, control=control,
-                    draft_policies=draft_policies)
+                    draft_policies=draft_policies, batch_sizes=batch_sizes)
         default = replace(DEFAULT_SWEEP, setup=dict(DEFAULT_SWEEP.setup), grid=dict(DEFAULT_SWEEP.grid))
         plan = sweeping.plan(sweep_file, given, grid, out_dir, default, compile=compile)
         if dry_run:

@@ -89,7 +89,9 @@ def generate(strategy: Strategy, prompt: list[int], *, max_new_tokens: int, num_
             record.steps.append(Step(context, proposed, kept, plan.exit_layer))
             policy.observe(proposed, min(kept, proposed), None if shadow is None else
                            agreement(read[len(drafted):], policy.candidates, [*drafted[:kept], next_id]))
+            before = record.new_tokens
             ended = record.emit([*drafted[:kept], next_id], kept, eos, stop)
+            record.token_times += [time.perf_counter() - began] * (record.new_tokens - before)  # after the sync
             last, last_id = outcome[1:], next_id
             if len(record.steps) == 1:
                 record.prefill_s = time.perf_counter() - began  # the sync above waited for the device

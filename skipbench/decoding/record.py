@@ -47,6 +47,7 @@ class Pass:
     window: int = 0
     kept_window: int = 0
     static: bool = False
+    batch: int = 1  # rows of a batch that ran this pass together: its weights were read once for all of them
 
     def __post_init__(self) -> None:
         if not self.window:
@@ -107,6 +108,9 @@ class Generation:
     time_s: float = 0.0
     prefill_s: float = 0.0  # until the first generated token is known
     stop_reason: str = "length"  # "length" | "eos" | "stop"
+    # Seconds from the start when each emitted token was known on the host (one timestamp per round: a
+    # speculative round emits a burst of tokens at one time); empty where the decoder did not record them.
+    token_times: list[float] = field(default_factory=list)
 
     @property
     def new_tokens(self) -> int:

@@ -113,7 +113,7 @@ class Session:
                 if event.kind == "note":
                     progress.note(event.text)
                     continue
-                if event.kind in ("done", "failed", "skipped"):
+                if event.kind in ("done", "failed", "skipped", "unsupported"):
                     settled.add(event.key)
                 yield event
 
