@@ -25,7 +25,7 @@ import torch
 
 from skipbench.decoding.batch_stack import BatchStack
 from skipbench.decoding.layers import EngineError
-from skipbench.decoding.loop import synchronize
+from skipbench.decoding.loop import proposals, synchronize
 from skipbench.decoding.record import Generation, Step, Trace
 from skipbench.decoding.sampling import Sampler
 
@@ -170,7 +170,7 @@ def generate_batch(engine: BatchEngine, prompts: Sequence[Sequence[int]], *, max
                 inputs[row] = [last_ids[row], *drafted]
                 lengths[row] = contexts[row] + 1 + kept
                 record = records[row]
-                record.steps.append(Step(contexts[row], len(drafted), kept))
+                record.steps.append(Step(contexts[row], proposals(drafted, eos), kept))
                 before = record.new_tokens
                 ended = record.emit([*drafted[:kept], next_id], kept, eos, stop)
                 record.token_times += [now] * (record.new_tokens - before)
