@@ -50,15 +50,24 @@ def benchmark_cells(exits: list[int], speculations: list[int], draft: str | None
     return cells
 
 
+def benchmark_setup(model: str, *, prompt_tokens: int = 512, new_tokens: int = 128, prompts: int = 3,
+                    repeats: int = 3, dtype: str = "auto", device: str = "auto", threads: int | None = None,
+                    device_map: str | None = None) -> Setup:
+    """The benchmark's setup: `prompts` random prompts of `prompt_tokens` tokens (what `--dry-run` shows too)."""
+    return Setup(model=model, prompts=tuple(filler_prompt(prompt_tokens, seed) for seed in range(prompts)),
+                 max_prompt_tokens=prompt_tokens, max_new_tokens=new_tokens, dtype=dtype, device=device,
+                 warmup=2, repeats=repeats, threads=threads, device_map=device_map)
+
+
 def run_benchmark(model: str, draft: str | None, exits: list[int], speculations: list[int], out_dir: Path, *,
                   prompt_tokens: int = 512, new_tokens: int = 128, prompts: int = 3, repeats: int = 3,
                   dtype: str = "auto", device: str = "auto", threads: int | None = None, hf: bool = True,
-                  compiled: bool = True, progress: Progress | None = None, batch_sizes: tuple[int, ...] = (1,)) -> dict:
+                  compiled: bool = True, progress: Progress | None = None, batch_sizes: tuple[int, ...] = (1,),
+                  device_map: str | None = None) -> dict:
     """Measure the roofline and every path; write RUN/benchmark.{json,md}; return the summary dict."""
     torch_device = resolve_device(device)
-    setup = Setup(model=model, prompts=tuple(filler_prompt(prompt_tokens, seed) for seed in range(prompts)),
-                  max_prompt_tokens=prompt_tokens, max_new_tokens=new_tokens, dtype=dtype, device=device,
-                  warmup=2, repeats=repeats, threads=threads)
+    setup = benchmark_setup(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, prompts=prompts,
+                            repeats=repeats, dtype=dtype, device=device, threads=threads, device_map=device_map)
     cells = [replace(cell, batch_size=size) for size in batch_sizes
              for cell in benchmark_cells(exits, speculations, draft, hf, compiled)]
     store = execute(setup, cells, out_dir, progress=progress)

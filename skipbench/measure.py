@@ -34,7 +34,7 @@ from skipbench.methods import BuildContext
 from skipbench.models import LoadedModel
 from skipbench.prompts import Prompt, PromptSet
 from skipbench.spec import Cell, Setup, baseline_of
-from skipbench.store import RunStore, device_name
+from skipbench.store import RunStore, devices_label
 
 COUNT_COLUMNS = (*COUNTS, "tokens")
 
@@ -59,14 +59,28 @@ def stop_rule(prompt_set: PromptSet, tokenizer) -> Callable[[list[int]], bool] |
     return lambda ids: tasks.truncate_completion(text := tokenizer.decode(ids), stops) != text
 
 
+def used_devices(*models: LoadedModel | None) -> list[str]:
+    """Every device the models' parts lie on, in the order the hidden state visits them (a spread model's
+    placement, else its one device)."""
+    names: list[str] = []
+    for loaded in models:
+        if loaded is not None:
+            names += loaded.placement.devices() if loaded.placement else [str(loaded.model.device)]
+    return list(dict.fromkeys(names))
+
+
 class CellRunner:
-    """Decodes prompts with one cell's method; one per cell, the models loaded once outside."""
+    """Decodes prompts with one cell's method; one per cell, the models loaded once outside. `devices`: every
+    device the run's models use (the rows' device is that set; default: this cell's models')."""
 
     def __init__(self, cell: Cell, setup: Setup, target: LoadedModel, draft: LoadedModel | None,
-                 prompt_set: PromptSet, context: BuildContext):
+                 prompt_set: PromptSet, context: BuildContext, devices: list[str] | None = None):
         self.cell, self.setup, self.target, self.prompt_set = cell, setup, target, prompt_set
         self.device = target.model.device
         cell.method.check_batch(cell.batch_size)
+        self.devices = devices or used_devices(target, draft)
+        # Tokens are drawn where the logits are: on the head's device when the model spans several.
+        self.sample_device = torch.device(target.placement.head) if target.placement else self.device
         self.decoder = cell.method.build(cell, target, draft, context)
         self.eos = eos_ids(target)
         self.stop = stop_rule(prompt_set, target.tokenizer)
@@ -77,7 +91,7 @@ class CellRunner:
     def sampler(self, prompt: Prompt) -> Sampler:
         generator = None
         if self.setup.sample:
-            generator = torch.Generator(device=self.device)
+            generator = torch.Generator(device=self.sample_device)
             generator.manual_seed(self.seed(prompt))
         return Sampler(self.setup.sample, self.setup.temperature, self.setup.top_p, generator)
 
@@ -344,7 +358,7 @@ def measure(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], promp
         return  # every cell failed, each reported
     first_round = rows.last_round() + 1
     device = next(iter(built.values())).device
-    where = {"host": platform.node(), "device": device_name(device)}
+    where = {"host": platform.node(), "device": devices_label(next(iter(built.values())).devices)}
     for session_round, chunk, keys in schedule:
         for key in keys:
             if key in failed:

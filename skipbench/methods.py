@@ -71,7 +71,9 @@ class BuildContext:
         from skipbench.decoding.layers import DecoderStack
 
         if (loaded.name, compiled) not in self.stacks:  # refuses architectures the engine cannot drive
-            self.stacks[loaded.name, compiled] = DecoderStack(loaded.model, compile=compiled, capacity=self.capacity)
+            # A model spread over devices (--device-map) runs each device's layers there (`placement`).
+            self.stacks[loaded.name, compiled] = DecoderStack(loaded.model, compile=compiled, capacity=self.capacity,
+                                                              placement=loaded.placement)
         return self.stacks[loaded.name, compiled]
 
     def compile_seconds(self) -> dict[str, float]:

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from skipbench.costs import ModelShape, dtype_bytes
 from skipbench.errors import UserError
+from skipbench.placement import Placement, allocate, hook
 
 
 class ModelError(UserError):
@@ -75,6 +76,7 @@ class LoadedModel:
     synthetic: bool
     source: str  # where the weights came from (path, Hub id, or "random seed S")
     revision: str  # commit hash, file hash or "synthetic"
+    placement: Placement | None = None  # where each part lies, for a model spread over devices (--device-map)
 
     @property
     def num_layers(self) -> int:
@@ -165,8 +167,7 @@ def synthetic_config(name: str) -> LlamaConfig:
     return LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-# The weights may take this share of the free memory; the rest is left for the KV cache and activations.
-MEMORY_SHARE = 0.9
+MEMORY_SHARE = 0.9  # the weights' share of free memory; the rest is for the KV cache and activations
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -219,16 +220,17 @@ def check_memory(name: str, config, dtype: torch.dtype, device: torch.device, ot
                      f"available; {advice}")
 
 
-def build_synthetic(name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def build_synthetic(name: str, dtype: torch.dtype, device: torch.device, at: Placement | None = None) -> LoadedModel:
     """Random weights, each tensor seeded by (seed, its name): a model with fewer layers (`layers=N`) has
-    exactly the first N layers of the full one, so it is a natural draft for it."""
+    exactly the first N layers of the full one, so it is a natural draft for it. `at`: a part per device."""
     preset, options = parse_synthetic(name)
     config = synthetic_config(name)
-    check_memory(name, config, dtype, device)
+    if at is None:  # a placement's devices were checked one by one (placement.check_fits)
+        check_memory(name, config, dtype, device)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to(dtype).to_empty(device=device)  # allocated once, in `dtype` (never float32 first)
+        model = LlamaForCausalLM(config).to(dtype)  # allocated once, in `dtype` (never float32 first)
+    model = allocate(model, at) if at else model.to_empty(device=device)
     seed = options.get("seed", 0)
     std = config.initializer_range
     generator = torch.Generator(device=device)
@@ -243,7 +245,7 @@ def build_synthetic(name: str, dtype: torch.dtype, device: torch.device) -> Load
             param.copy_(values * std)
         if model.config.tie_word_embeddings:
             model.tie_weights()
-        with device:  # the rotary inverse frequencies are a buffer that to_empty left uninitialised
+        with torch.device(at.embed) if at else device:  # rotary inverse frequencies: to_empty left them
             model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
         agree = options.get("agree")
         if agree is not None:  # (its range is checked by synthetic_config)
@@ -252,9 +254,9 @@ def build_synthetic(name: str, dtype: torch.dtype, device: torch.device) -> Load
             for layer in model.model.layers[agree:]:
                 layer.self_attn.o_proj.weight.zero_()
                 layer.mlp.down_proj.weight.zero_()
-    model.eval()
+    model = hook(model, at).eval() if at else model.eval()
     return LoadedModel(name, model, ByteTokenizer(), synthetic=True, source=f"random seed {seed}",
-                       revision="synthetic")
+                       revision="synthetic", placement=at)
 
 
 def cache_dir() -> Path:
@@ -371,8 +373,7 @@ def _hub_reachable() -> bool:
         return False
 
 
-# Checkpoints that are gated on the Hub: a download needs the licence accepted and a login.
-GATED_PREFIXES = ("facebook/layerskip-", "meta-llama/")
+GATED_PREFIXES = ("facebook/layerskip-", "meta-llama/")  # gated on the Hub: licence accepted, then a login
 
 
 def gated_note(name: str) -> str:
@@ -387,8 +388,7 @@ def gated_note(name: str) -> str:
             f"(hf auth login) and download it once with a connection{download}")
 
 
-# A file given where a checkpoint directory is expected.
-CHECKPOINT_FILES = (".gguf", ".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".json")
+CHECKPOINT_FILES = (".gguf", ".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".json")  # not a checkpoint directory
 
 
 def _locate(name: str) -> tuple[Path, bool, str, bool]:
@@ -427,17 +427,18 @@ def pretrained_config(name: str):
         raise _unavailable(name, source, local, cache_only, error) from None
 
 
-def load_pretrained(name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_pretrained(name: str, dtype: torch.dtype, device: torch.device, at: Placement | None = None) -> LoadedModel:
     path, local, source, cache_only = _locate(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cache_only)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
-                                                     local_files_only=cache_only)
+                                                     local_files_only=cache_only, device_map=at and at.device_map())
     except Exception as error:  # a user's checkpoint can fail in many ways; each is one line
         raise _unavailable(name, source, local, cache_only, error) from None
-    model.to(device).eval()
+    (model if at else model.to(device)).eval()  # `at`: accelerate put each part on its device
     revision = getattr(model.config, "_commit_hash", None) or _directory_hash(path if local else None)
-    return LoadedModel(name, model, tokenizer, synthetic=False, source=source, revision=revision or "unknown")
+    return LoadedModel(name, model, tokenizer, synthetic=False, source=source, revision=revision or "unknown",
+                       placement=at)
 
 
 def _directory_hash(path: Path | None) -> str | None:
@@ -463,17 +464,17 @@ def _directory_hash(path: Path | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def load_model(name: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    """Load any model name skipbench understands (see the module docstring)."""
+def load_model(name: str, dtype: str = "auto", device: str = "auto", placement: Placement | None = None) -> LoadedModel:
+    """Load any model name skipbench understands (see the module docstring); `placement` spreads it over devices."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if name.startswith("synthetic:"):
-        return build_synthetic(name, torch_dtype, torch_device)
+        return build_synthetic(name, torch_dtype, torch_device, placement)
     if name == "smollm2-135m":
-        loaded = load_pretrained(str(smollm2_checkpoint()), torch_dtype, torch_device)
+        loaded = load_pretrained(str(smollm2_checkpoint()), torch_dtype, torch_device, placement)
         loaded.name, loaded.revision = name, f"gguf:{SMOLLM2_GGUF}"
         return loaded
-    return load_pretrained(name, torch_dtype, torch_device)
+    return load_pretrained(name, torch_dtype, torch_device, placement)
 
 
 def num_layers_of(name: str) -> int | None:

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+from accelerate import dispatch_model
 
 from skipbench.costs import ModelShape, kv_cache_bytes
 from skipbench.errors import UserError
@@ -67,10 +71,12 @@ class Placement:
         return sum(1 for before, after in zip(path, path[1:], strict=False) if before != after)
 
     def device_map(self) -> dict[str, str]:
-        """The placement as an accelerate device map for a Llama-family `from_pretrained`."""
+        """The placement as an accelerate device map for a Llama-family `from_pretrained` (`cpu:N`, distinct
+        only to skipbench's engine, is accelerate's `cpu`)."""
         mapped = {"model.embed_tokens": self.embed, "model.rotary_emb": self.embed}
         mapped |= {f"model.layers.{index}": device for index, device in enumerate(self.layers)}
-        return mapped | {"model.norm": self.head, "lm_head": self.head}
+        mapped |= {"model.norm": self.head, "lm_head": self.head}
+        return {module: physical(device) for module, device in mapped.items()}
 
     def describe(self) -> dict:
         """What the manifest records: the mode, the devices and each stage's layers."""
@@ -282,11 +288,65 @@ def memory(shape: ModelShape, placement: Placement, kv_tokens: int,
     return table
 
 
+def physical(name: str) -> str:
+    """The memory a device name draws on: `cpu:N` (stages the engine tells apart) are all the one `cpu`."""
+    return "cpu" if name.startswith("cpu") else name
+
+
 def check_fits(table: dict[str, DeviceMemory], devices: list[Device], what: str) -> None:
-    """Refuse, before loading, a placement whose bytes pass a device's share of its memory."""
+    """Refuse, before loading, a placement whose bytes pass a device's share of its memory (the `cpu:N` of one
+    machine add up on its `cpu`)."""
     sizes = {device.name: device.memory for device in devices}
+    totals = Counter()
     for name, entry in table.items():
+        totals[physical(name)] += entry.total
+    for name, total in totals.items():
         size = sizes.get(name)
-        if size is not None and entry.total > MEMORY_SHARE * size:
-            raise PlacementError(f"{what} needs {entry.total / 1e9:.1f} GB on {name} (weights, KV cache, draft) but "
+        if size is not None and total > MEMORY_SHARE * size:
+            raise PlacementError(f"{what} needs {total / 1e9:.1f} GB on {name} (weights, KV cache, draft) but "
                                  f"{size / 1e9:.1f} GB is available there; use --device-map balanced or more devices")
+
+
+def check_present(placed: Placement, devices: list[Device], what: str) -> None:
+    """Refuse a placement naming a device this machine lacks (a JSON map written for another machine)."""
+    present = {device.name for device in devices}
+    missing = [name for name in placed.devices() if physical(name) not in present]
+    if missing:
+        raise PlacementError(f"{what} is placed on {', '.join(missing)}, which this machine lacks; it has "
+                             f"{', '.join(sorted(present))}")
+
+
+# --------------------------------------------------------------------------- a loaded model's modules
+
+
+def parts_of(model: torch.nn.Module, placed: Placement) -> list[tuple[torch.nn.Module, str]]:
+    """(module, device) of every part a placement names, in a Llama-family causal LM."""
+    body = model.model
+    found = [(body.embed_tokens, placed.embed), (body.rotary_emb, placed.embed)]
+    found += [(layer, device) for layer, device in zip(body.layers, placed.layers, strict=True)]
+    return [*found, (body.norm, placed.head), (model.lm_head, placed.head)]
+
+
+def allocate(model: torch.nn.Module, placed: Placement) -> torch.nn.Module:
+    """Uninitialised storage for a model built on the meta device, each part on its own device (never the
+    whole model on one first): a model too big for any one device is allocated where it will run."""
+    for module, device in parts_of(model, placed):
+        module.to_empty(device=device, recurse=True)
+    return model
+
+
+def hook(model: torch.nn.Module, placed: Placement) -> torch.nn.Module:
+    """transformers' own forward (the hf backends) across devices needs accelerate's hooks, which move each
+    part's inputs to its device: `from_pretrained(device_map=)` adds them; a model built here gets them now."""
+    if len({physical(device) for device in placed.devices()}) > 1:
+        dispatch_model(model, device_map=placed.device_map())
+    return model
+
+
+def label(devices: list[str], names: list[str]) -> str:
+    """The device of a model spread over `devices` (each called `names[i]` by the hardware) as one string:
+    `8 x NVIDIA A100-SXM4-80GB (cuda:0, ..., cuda:7)`; one device is just its name."""
+    if len(devices) == 1:
+        return names[0]
+    counted = Counter(names)
+    return f"{' + '.join(f'{count} x {name}' for name, count in counted.items())} ({', '.join(devices)})"

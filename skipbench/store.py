@@ -25,6 +25,7 @@ import torch
 import transformers
 
 import skipbench
+from skipbench import placement
 from skipbench.errors import UserError
 from skipbench.spec import Cell
 
@@ -69,14 +70,20 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def provenance(device: torch.device, dtype: torch.dtype) -> dict:
+def devices_label(names: list[str]) -> str:
+    """The device of rows timed on a model spread over `names` (`placement.label`): one device is its name."""
+    return placement.label(names, [device_name(torch.device(name)) for name in names])
+
+
+def provenance(device: torch.device | list[str], dtype: torch.dtype) -> dict:
+    """What the run ran with; `device`: its one device, or every device its models span."""
     return {
         "skipbench_version": skipbench.__version__,
         "git_commit": git_commit(),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "python_version": platform.python_version(),
-        "device": device_name(device),
+        "device": devices_label(device) if isinstance(device, list) else device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -316,9 +323,11 @@ def _plain(value):
     return str(value)
 
 
-def manifest_for(setup, cells: list[Cell], models: dict, prompts: dict, device: torch.device, dtype: torch.dtype,
-                 machine: dict | None = None) -> dict:
+def manifest_for(setup, cells: list[Cell], models: dict, prompts: dict, device: torch.device | list[str],
+                 dtype: torch.dtype, machine: dict | None = None, placements: dict | None = None) -> dict:
+    """`placements`: model name -> `Placement.describe()` of each model spread over devices (--device-map)."""
     return {
+        **({"placement": placements} if placements else {}),
         "setup": asdict(setup),
         "cells": [asdict(cell) for cell in cells],
         "models": models,

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from skipbench import calibrate, machine, models, spec
+from skipbench import calibrate, machine, models, placement, spec
+from skipbench.costs import ModelShape, dtype_bytes
 from skipbench.decoding.layers import DecoderStack, EngineError
 from skipbench.errors import UserError
-from skipbench.measure import CellRunner, Progress, measure_group
+from skipbench.measure import CellRunner, Progress, measure_group, used_devices
 from skipbench.methods import BuildContext, compiled_backend
 from skipbench.models import LoadedModel, check_vocab_match, load_model, num_layers_of, resolve_device
 from skipbench.prompts import PromptSet, build_prompts, greedy_answerer, load_examples
@@ -103,8 +104,9 @@ class Loaded:
     busy: list[str] = field(default_factory=list)  # a busy machine: for the user once, if anything is measured
 
     def runner(self, setup: Setup) -> Callable[[Cell], CellRunner]:
+        devices = used_devices(self.target, *self.drafts.values())  # every row of the run: the same device set
         return lambda cell: CellRunner(cell, setup, self.target, self.drafts.get(cell.draft_model), self.prompt_set,
-                                       self.context)
+                                       self.context, devices)
 
 
 def config_of(name: str):
@@ -136,6 +138,36 @@ def check_run_memory(names: list[str], dtype: str, device: str) -> None:
         return
 
 
+def present_devices(device: str) -> list[placement.Device]:
+    """This machine's devices with the memory free on each now: every GPU torch sees, else the CPU."""
+    if resolve_device(device).type == "cuda":
+        return [placement.Device(f"cuda:{index}", models.available_memory(torch.device(f"cuda:{index}")) or 0)
+                for index in range(torch.cuda.device_count())]
+    return [placement.Device("cpu", models.available_memory(torch.device("cpu")) or 0)]
+
+
+def place_run(setup: Setup, names: list[str]) -> dict[str, placement.Placement]:
+    """With --device-map, each model's placement (the target's as asked; each draft model's own, on what the
+    models before it left) and every device's memory checked before anything loads; {} without one."""
+    if setup.device_map is None:
+        return {}
+    devices = present_devices(setup.device)
+    size = dtype_bytes(models.resolve_dtype(setup.dtype, resolve_device(setup.device)))
+    kv_tokens = (setup.max_prompt_tokens or 0) + (setup.max_new_tokens or 0)  # known before prompts are built
+    table: dict[str, placement.DeviceMemory] = {}
+    placed = {}
+    for index, name in enumerate(dict.fromkeys(names)):
+        config = config_of(name) or models.pretrained_config(name)
+        shape = ModelShape.from_config(config, bytes_per_param=size)
+        mode = setup.device_map if index == 0 or setup.device_map in placement.MODES else "sequential"
+        used = {device: entry.total for device, entry in table.items()}
+        placed[name] = placement.resolve(mode, shape, devices, kv_tokens=kv_tokens, used=used)
+        placement.check_present(placed[name], devices, f"model {name}")
+        placement.memory(shape, placed[name], kv_tokens, table, draft=index > 0)
+    placement.check_fits(table, devices, " with ".join(placed))
+    return placed
+
+
 def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
              loader: Callable[..., LoadedModel] = load_model) -> Loaded:
     """Load what measuring `cells` needs on this process's device: the target and every draft model (once),
@@ -146,12 +178,15 @@ def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
         torch.set_num_threads(threads)
     before = machine.state(threads)  # before our own loading adds to the load average
     examples = load_examples(setup)  # an empty or unreadable prompt set is refused before any model loads
-    check_run_memory([setup.model, *(cell.draft_model for cell in cells if cell.draft_model)], setup.dtype,
-                     setup.device)  # every model the run loads, together
-    target = loader(setup.model, dtype=setup.dtype, device=setup.device)
+    names = [setup.model, *sorted({cell.draft_model for cell in cells if cell.draft_model})]
+    placed = place_run(setup, names)  # --device-map: each device's memory checked, before any model loads
+    if not placed:
+        check_run_memory(names, setup.dtype, setup.device)  # every model the run loads, together
+    where = {name: {"placement": placed[name]} if name in placed else {} for name in names}
+    target = loader(setup.model, dtype=setup.dtype, device=setup.device, **where[setup.model])
     drafts: dict[str, LoadedModel] = {}
-    for name in sorted({cell.draft_model for cell in cells if cell.draft_model}):
-        drafts[name] = loader(name, dtype=setup.dtype, device=setup.device)
+    for name in names[1:]:
+        drafts[name] = loader(name, dtype=setup.dtype, device=setup.device, **where[name])
         check_vocab_match(target, drafts[name])
     refuse_unsupported(cells, target, drafts)
     prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions, loaded=examples,
@@ -162,8 +197,9 @@ def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
     infos = {name: model_info(loaded) | {"calibration": _calibration(loaded, sizes, typical)}
              for name, loaded in (("target", target), *drafts.items())}
     manifest = manifest_for(setup, cells, models={"target": infos.pop("target"), "drafts": infos},
-                            prompts=prompt_set.describe(), device=target.model.device, dtype=target.model.dtype,
-                            machine={"before": before})
+                            prompts=prompt_set.describe(), dtype=target.model.dtype, machine={"before": before},
+                            device=used_devices(target, *drafts.values()) if placed else target.model.device,
+                            placements={name: where.describe() for name, where in placed.items()})
     context = BuildContext.for_run(cells, lengths[-1], prompt_set.max_new_tokens, setup.sample)
     busy = machine.busy_warning(before, when="before")
     return Loaded(target, drafts, prompt_set, context, manifest, threads, before, list(prompt_set.notes),
@@ -229,7 +265,7 @@ def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool
 def _calibration(loaded: LoadedModel, sizes: list[int], context: int) -> dict | None:
     """Measured layer and head times per block size (for the time model), where the engine can drive it."""
     try:
-        stack = DecoderStack(loaded.model)
+        stack = DecoderStack(loaded.model, placement=loaded.placement)
     except EngineError:
         return None
     return calibrate.measure(stack, sizes, context)

@@ -52,6 +52,12 @@ def sweep_file(name):
     return ("sweep", "{file:" + name + "}", "--no-report", "-o", "{out}")
 
 
+# Device maps (JSON files) the cases name as {json:NAME}.
+JSON_FILES = {
+    "cpu-stages": {"": "cpu:0", "model.layers.1": "cpu:1", "lm_head": "cpu:1", "model.norm": "cpu:1"},
+    "gpu-stages": {"": "cpu", "model.layers": "cuda:1"},
+}
+
 SWEEP_FILES = {
     "bad-toml": "x = [\n",
     "unknown-section": "[nope]\na = 1\n",
@@ -123,6 +129,16 @@ CASES = [
          patch={"skipbench.models.available_memory": lambda device: 20 * 10**9}),
     Case("benchmark-too-big-anywhere", ("benchmark", "--model", "synthetic:llama2-70b", "--draft-model", "",
                                         "--out", "{out}"), "needs 275.9 GB"),
+    # --device-map: each device's memory checked before loading; one line naming the device that does not fit.
+    Case("device-map-too-big-for-a-device", run("-p", "x", "-e", "1", "--model", "synthetic:llama3.2-1b",
+                                                "--device-map", "{json:cpu-stages}"),
+         "needs 4.9 GB on cpu (weights, KV cache, draft) but 2.0 GB is available there",
+         patch={"skipbench.models.available_memory": lambda device: 2 * 10**9}),
+    Case("device-map-balanced-too-big", run("-p", "x", "-e", "1", "--model", "synthetic:llama3.2-1b",
+                                            "--device-map", "balanced"), "does not fit on 1 device(s) with room for "
+         "cpu 1.8 GB", patch={"skipbench.models.available_memory": lambda device: 2 * 10**9}),
+    Case("device-map-absent-gpu", run("-p", "x", "-e", "1", "--device-map", "{json:gpu-stages}"),
+         "is placed on cuda:1, which this machine lacks; it has cpu", skip="CUDA is available here" if CUDA else None),
     Case("benchmark-bad-exits", ("benchmark", "--exits", "x", "--out", "{out}"), "cannot read 'x'"),
     Case("roofline-cuda", ("roofline", "--device", "cuda"), "no CUDA", skip="CUDA is available here" if CUDA else None),
     # ------------------------------------------------------------------ prompts and decoding settings
@@ -309,6 +325,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, stored, tmp_path
     for name, text in SWEEP_FILES.items():
         paths[f"file:{name}"] = work / f"{name}.toml"
         paths[f"file:{name}"].write_text(text)
+    for name, mapping in JSON_FILES.items():
+        paths[f"json:{name}"] = work / f"{name}.json"
+        paths[f"json:{name}"].write_text(json.dumps(mapping))
     cleanup = None
     if any("{readonly}" in str(arg) for arg in case.args):
         paths["readonly"], cleanup = read_only_dir(tmp_path / "readonly")

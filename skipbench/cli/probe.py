@@ -13,7 +13,18 @@ from rich.table import Table
 from skipbench import spec
 from skipbench.cli.core import app, handled, out
 from skipbench.cli.display import RichProgress
-from skipbench.cli.options import DATA_DIR_HELP, RepeatsOpt, ThreadsOpt
+from skipbench.cli.options import (
+    DATA_DIR_HELP,
+    AcceptanceOpt,
+    DeviceMapOpt,
+    DryRunOpt,
+    GpuMemoryOpt,
+    GpusOpt,
+    PeakBandwidthOpt,
+    PeakFlopsOpt,
+    RepeatsOpt,
+    ThreadsOpt,
+)
 
 
 @app.command()
@@ -75,19 +86,30 @@ def benchmark(
                                                             "runs/benchmark-<date>-<time>)."),
     batch_sizes: str = typer.Option("1", "--batch-sizes", help="Prompts decoded together, e.g. 1,8,32 (use "
                                     "--prompts of at least the largest)."),
+    device_map: str = DeviceMapOpt, dry_run: bool = DryRunOpt, gpus: int = GpusOpt, gpu_memory: str = GpuMemoryOpt,
+    peak_bandwidth: float = PeakBandwidthOpt, peak_flops: float = PeakFlopsOpt, acceptance: float = AcceptanceOpt,
 ) -> None:
     """The engine benchmark: native and transformers paths on one model vs the measured roofline.
 
     The default is the set-up of the reference figures in the README (Llama-3-8B shape, layers >= 8
     zeroed, bf16 on a GPU); on a CPU pick a model that fits, e.g. --model "synthetic:smollm2-135m?agree=8"."""
-    from skipbench.benchmark import benchmark_markdown, run_benchmark
+    from skipbench.benchmark import benchmark_cells, benchmark_markdown, benchmark_setup, run_benchmark
+    from skipbench.cli.runs import print_dry_run
 
     with handled():
+        if dry_run:  # the benchmark's cells, placement, memory per device and time estimate, without weights
+            setup = benchmark_setup(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, prompts=prompts,
+                                    repeats=repeats or 3, dtype=dtype, device=device, threads=threads,
+                                    device_map=device_map)
+            cells = benchmark_cells(spec.parse_range(exits), spec.parse_range(speculations), draft_model or None, hf,
+                                    compiled)
+            print_dry_run(setup, cells, gpus, gpu_memory, peak_bandwidth, peak_flops, acceptance)
+            return
         target = out_dir or Path("runs") / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}"
         with RichProgress() as progress:
             summary = run_benchmark(model, draft_model or None, spec.parse_range(exits),
                                     spec.parse_range(speculations), target, prompt_tokens=prompt_tokens,
                                     new_tokens=new_tokens, prompts=prompts, repeats=repeats or 3, dtype=dtype,
                                     device=device, threads=threads, hf=hf, compiled=compiled, progress=progress,
-                                    batch_sizes=tuple(spec.parse_range(batch_sizes)))
+                                    batch_sizes=tuple(spec.parse_range(batch_sizes)), device_map=device_map)
         out.print(escape(benchmark_markdown(summary)))

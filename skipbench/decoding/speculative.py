@@ -35,7 +35,7 @@ class TwoModel:
         drafts, probs = [], []
         for _ in range(count):
             _, logits = stack.run(feed, cache, 0, stack.num_layers, head=1)
-            token, token_probs = sampler.choose(logits)
+            token, token_probs = sampler.choose(logits.to(home))  # drawn where the sampler's generator lies
             drafts.append(token)
             probs.append(token_probs)
             feed = token
