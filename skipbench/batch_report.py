@@ -10,6 +10,7 @@ Nothing is written for a run without the latency columns (older runs) or, for th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -127,18 +128,22 @@ def plot_throughput(summary: pd.DataFrame, path: Path) -> Path:
     return _save(figure, path)
 
 
-def write_batch_report(summary: pd.DataFrame, tables: Path, plots: Path | None) -> list[Path]:
-    """The latency table, and with more than one batch size the speedup table and both plots."""
+def write_batch_report(summary: pd.DataFrame, tables: Path, plots: Path | None, notes: Sequence[str] = (),
+                       tag: str | None = None) -> list[Path]:
+    """The latency table, and with more than one batch size the speedup table and both plots; `notes` (the run's
+    provenance) under each table, `tag` (a device) in each file name, as the other tables have them."""
     written = []
+    suffix = f"_{tag}" if tag else ""
+    under = "".join(f"\n_{note.replace('|', '/')}_  " for note in notes)
     text = latency_table(summary)
     if text:
-        write_atomic(tables / "latency.md", text.encode())
-        written.append(tables / "latency.md")
+        write_atomic(tables / f"latency{suffix}.md", (text + under + "\n").encode())
+        written.append(tables / f"latency{suffix}.md")
     if "batch_size" not in summary or summary["batch_size"].nunique() < 2 or not text:
         return written
     lines = speedup_lines(summary)
-    write_atomic(tables / "batch_speedup.md", speedup_table(lines).encode())
-    written.append(tables / "batch_speedup.md")
+    write_atomic(tables / f"batch_speedup{suffix}.md", (speedup_table(lines) + under + "\n").encode())
+    written.append(tables / f"batch_speedup{suffix}.md")
     if plots is not None:
         written += [plot_speedup(lines, plots / "speedup_vs_batch.png"),
                     plot_throughput(summary, plots / "throughput_vs_tpot.png")]

@@ -8,7 +8,7 @@ from skipbench.batch_report import write_batch_report
 from skipbench.errors import UserError
 from skipbench.plots import plot_run
 from skipbench.summary import device_slug, load_summary, run_devices
-from skipbench.tables import write_tables
+from skipbench.tables import provenance_notes, write_tables
 
 
 def write_report(run_dir: Path | str, *, peak_bandwidth: float | None = None, peak_flops: float | None = None,
@@ -29,5 +29,6 @@ def write_report(run_dir: Path | str, *, peak_bandwidth: float | None = None, pe
     where = run_dir / "plots" / (device_slug(device) if device else "")
     if plots:
         written += plot_run(summary, manifest, where)
-    written += write_batch_report(summary, run_dir / "tables", where if plots else None)
+    written += write_batch_report(summary, run_dir / "tables", where if plots else None, provenance_notes(manifest),
+                                  device_slug(device) if device else None)
     return written

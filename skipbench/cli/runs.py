@@ -213,8 +213,9 @@ def run(
             exit_layer = max(1, layers // 4) if layers else None
         cell = spec.Cell(strategy, exit_layer, num_speculations, draft_model, backend, draft_policy=draft_policy)
         cells = [replace(cell, batch_size=size) for size in spec.parse_range(batch_sizes)]
+        layers = num_layers_of(setup.model)  # None where only the loaded model can say: checked again then
         for each in cells:
-            each.check()
+            each.check(layers)
         # Speedup and losslessness need the baseline on the same prompts: speculative runs add it.
         cells = spec.with_baseline(cells) if method.speculates and not no_baseline else cells
         if dry_run:
