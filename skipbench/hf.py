@@ -46,15 +46,16 @@ class _FirstTokenClock(BaseStreamer):
         pass
 
 
-class _StopRule(StoppingCriteria):
-    """The native loop's stop rule as a transformers stopping criterion (batch 1)."""
+class StopRule(StoppingCriteria):
+    """The native loop's stop rule as a transformers stopping criterion, judged per row on the tokens after the
+    first `width` (the prompt; transformers then pads a finished row until the batch ends)."""
 
-    def __init__(self, prompt_tokens: int, rule: Callable[[list[int]], bool]):
-        self.prompt_tokens, self.rule = prompt_tokens, rule
+    def __init__(self, width: int, rule: Callable[[list[int]], bool]):
+        self.width, self.rule = width, rule
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = self.rule(input_ids[0, self.prompt_tokens :].tolist())
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        done = [self.rule(row) for row in input_ids[:, self.width :].tolist()]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
@@ -163,7 +164,7 @@ def _steps(passes: list[Pass], prompt_tokens: int, total_tokens: int) -> list[tu
     return steps
 
 
-def _configure(target: PreTrainedModel, assistant: PreTrainedModel | None, *, max_new_tokens: int,
+def configure(target: PreTrainedModel, assistant: PreTrainedModel | None, *, max_new_tokens: int,
                sampler: Sampler, eos_ids: Sequence[int], exit_layer: int | None, num_speculations: int,
                static_cache: bool, draft_policy: str = policies.STATIC):
     """generate()'s configuration; transformers reads K from the assistant's own generation_config.
@@ -207,7 +208,7 @@ def generate_hf(target: PreTrainedModel, prompt: list[int], *, max_new_tokens: i
     watched: hooks inside a compiled forward would make it recompile at every step. Its passes are known
     anyway: the prompt, then one position per new token, every query scored against the whole cache."""
     assistant = target if exit_layer is not None else draft
-    config, assistant_config = _configure(target, assistant, max_new_tokens=max_new_tokens, sampler=sampler,
+    config, assistant_config = configure(target, assistant, max_new_tokens=max_new_tokens, sampler=sampler,
                                           eos_ids=eos_ids, exit_layer=exit_layer,
                                           num_speculations=num_speculations, static_cache=static_cache,
                                           draft_policy=draft_policy)
@@ -222,7 +223,7 @@ def generate_hf(target: PreTrainedModel, prompt: list[int], *, max_new_tokens: i
     input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
     extra = {"assistant_model": draft} if draft is not None else {}
     if stop is not None:
-        extra["stopping_criteria"] = StoppingCriteriaList([_StopRule(len(prompt), stop)])
+        extra["stopping_criteria"] = StoppingCriteriaList([StopRule(len(prompt), stop)])
     torch.manual_seed(seed)
     try:
         if assistant is not None:

@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedModel, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from skipbench.decoding.loop import synchronize
 from skipbench.decoding.record import Generation, Pass, Step
 from skipbench.decoding.sampling import Sampler
-from skipbench.hf import _configure
+from skipbench.hf import StopRule, configure
 
 
 class _StepClock(BaseStreamer):
@@ -38,29 +38,18 @@ class _StepClock(BaseStreamer):
         pass
 
 
-class _RowStops(StoppingCriteria):
-    """The native stop rule, judged per row (transformers then pads a finished row until the batch ends)."""
-
-    def __init__(self, width: int, rule: Callable[[list[int]], bool]):
-        self.width, self.rule = width, rule
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = [self.rule(row) for row in input_ids[:, self.width :].tolist()]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
 def generate_hf_batch(target: PreTrainedModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                       sampler: Sampler, eos_ids: Sequence[int], device: torch.device, seed: int = 0,
                       static_cache: bool = False, stop: Callable[[list[int]], bool] | None = None,
                       ) -> tuple[list[Generation], float]:
     """One left-padded generate() call; returns one record per row and the batch's wall time."""
-    config, _ = _configure(target, None, max_new_tokens=max_new_tokens, sampler=sampler, eos_ids=eos_ids,
+    config, _ = configure(target, None, max_new_tokens=max_new_tokens, sampler=sampler, eos_ids=eos_ids,
                            exit_layer=None, num_speculations=0, static_cache=static_cache)
     width = max(len(prompt) for prompt in prompts)
     pad = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
     input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device)
-    extra = {"stopping_criteria": StoppingCriteriaList([_RowStops(width, stop)])} if stop is not None else {}
+    extra = {"stopping_criteria": StoppingCriteriaList([StopRule(width, stop)])} if stop is not None else {}
     torch.manual_seed(seed)
     synchronize(device)
     began = time.perf_counter()

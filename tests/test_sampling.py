@@ -99,23 +99,34 @@ def test_two_model_sampling_matches_the_target_distribution_end_to_end():
     assert chi_square_pvalue(counts, q) < 1e-6
 
 
-def test_sampled_self_speculation_keeps_the_targets_joint_distribution():
-    """Chi-square of the first two tokens against the target's exact joint p(t1) p(t2 | t1). With K=1 the
-    second token is the verifier's bonus token whenever the draft is kept, so that path is exercised too."""
-    from skipbench.decoding.self_speculative import SelfSpeculative
+VOCAB = 6  # small enough that a joint distribution of two tokens can be sampled densely
 
-    vocab = 6
-    model = make_model("gqa", seed=4, vocab_size=vocab)
+
+def sharp_model():
+    """A tiny model whose sharpened heads make the exit at layer 1 disagree with the last layer."""
+    model = make_model("gqa", seed=4, vocab_size=VOCAB)
     with torch.no_grad():
-        model.lm_head.weight.mul_(8)  # sharper heads: the exit at layer 1 disagrees with the last layer
-    prompt = [1, 5, 3]
+        model.lm_head.weight.mul_(8)
+    return model
 
+
+def joint_of(model, prompt: list[int]) -> torch.Tensor:
+    """The target's exact joint p(t1) p(t2 | t1) of the first two tokens after `prompt`, flattened."""
     def next_probs(tokens):
         with torch.no_grad():
             return torch.softmax(model(torch.tensor([tokens])).logits[0, -1].double(), -1)
 
     first = next_probs(prompt)
-    joint = torch.stack([first[a] * next_probs([*prompt, a]) for a in range(vocab)]).flatten()
+    return torch.stack([first[a] * next_probs([*prompt, a]) for a in range(VOCAB)]).flatten()
+
+
+def test_sampled_self_speculation_keeps_the_targets_joint_distribution():
+    """Chi-square of the first two tokens against the target's exact joint p(t1) p(t2 | t1). With K=1 the
+    second token is the verifier's bonus token whenever the draft is kept, so that path is exercised too."""
+    from skipbench.decoding.self_speculative import SelfSpeculative
+
+    vocab, model, prompt = VOCAB, sharp_model(), [1, 5, 3]
+    joint = joint_of(model, prompt)
     strategy = SelfSpeculative(DecoderStack(model), exit_layer=1)
     counts, bonus, draws = torch.zeros(vocab * vocab), 0, 1500
     for seed in range(draws):
@@ -148,18 +159,8 @@ def test_sampled_draft_policies_keep_the_targets_joint_distribution(policy):
     both, one, or, ended by low confidence, fewer than planned)."""
     from skipbench.decoding.self_speculative import SelfSpeculative
 
-    vocab = 6
-    model = make_model("gqa", seed=4, vocab_size=vocab)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8)
-    prompt = [1, 5, 3]
-
-    def next_probs(tokens):
-        with torch.no_grad():
-            return torch.softmax(model(torch.tensor([tokens])).logits[0, -1].double(), -1)
-
-    first = next_probs(prompt)
-    joint = torch.stack([first[a] * next_probs([*prompt, a]) for a in range(vocab)]).flatten()
+    vocab, model, prompt = VOCAB, sharp_model(), [1, 5, 3]
+    joint = joint_of(model, prompt)
     stack = DecoderStack(model)
     strategy = SelfSpeculative(stack, exit_layer=1)
     counts, draws, drafted = torch.zeros(vocab * vocab), 1200, set()
@@ -180,20 +181,9 @@ def test_sampled_batches_keep_each_rows_joint_distribution():
     from skipbench.decoding.batch import BatchEngine, generate_batch
     from skipbench.decoding.batch_stack import BatchStack
 
-    vocab = 6
-    model = make_model("gqa", seed=4, vocab_size=vocab)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8)
+    vocab, model = VOCAB, sharp_model()
     prompts = [[1, 5, 3], [2, 4], [1, 5, 3, 0, 2, 1], [3]]
-
-    def next_probs(tokens):
-        with torch.no_grad():
-            return torch.softmax(model(torch.tensor([tokens])).logits[0, -1].double(), -1)
-
-    joints = []
-    for prompt in prompts:
-        first = next_probs(prompt)
-        joints.append(torch.stack([first[a] * next_probs([*prompt, a]) for a in range(vocab)]).flatten())
+    joints = [joint_of(model, prompt) for prompt in prompts]
     stack = BatchStack(DecoderStack(model))
     draft = BatchStack(DecoderStack(make_model("gqa", seed=9, vocab_size=vocab)))
     for engine, k in ((BatchEngine(stack, "exit", 1), 2), (BatchEngine(stack, "draft_model", draft=draft), 1)):
