@@ -34,3 +34,21 @@ def test_benchmark_covers_every_path_and_writes_its_table(tmp_path):
     for row in rows:
         if row["decoding"] in native:
             assert row["speedup_vs_native_ar"] == native[row["decoding"]]
+
+
+def test_the_benchmark_command_prints_a_table_that_fits_80_columns(tmp_path):
+    from typer.testing import CliRunner
+
+    from skipbench.cli import app
+
+    result = CliRunner().invoke(app, ["benchmark", "--model", "synthetic:tiny?agree=2", "--draft-model",
+                                      "synthetic:tiny?agree=2&layers=2", "--exits", "1", "--speculations", "2",
+                                      "--prompt-tokens", "16", "--new-tokens", "6", "--prompts", "2", "--repeats",
+                                      "2", "--no-compiled", "--device", "cpu", "--threads", "1",
+                                      "--out", str(tmp_path / "b")], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
+    text = " ".join(result.output.split())
+    assert "self_speculative E=1 K=2" in text and "d1: draft model synthetic:tiny?agree=2&layers=2" in text
+    assert "benchmark.md" in text and "| " not in result.output  # the wide Markdown table stays in the file

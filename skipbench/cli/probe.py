@@ -93,7 +93,7 @@ def benchmark(
 
     The default is the set-up of the reference figures in the README (Llama-3-8B shape, layers >= 8
     zeroed, bf16 on a GPU); on a CPU pick a model that fits, e.g. --model "synthetic:smollm2-135m?agree=8"."""
-    from skipbench.benchmark import benchmark_cells, benchmark_markdown, benchmark_setup, run_benchmark
+    from skipbench.benchmark import benchmark_cells, benchmark_setup, run_benchmark
     from skipbench.cli.runs import print_dry_run
 
     with handled():
@@ -112,4 +112,35 @@ def benchmark(
                                     new_tokens=new_tokens, prompts=prompts, repeats=repeats or 3, dtype=dtype,
                                     device=device, threads=threads, hf=hf, compiled=compiled, progress=progress,
                                     batch_sizes=tuple(spec.parse_range(batch_sizes)), device_map=device_map)
-        out.print(escape(benchmark_markdown(summary)))
+        print_benchmark(summary, target)
+
+
+def print_benchmark(summary: dict, run_dir: Path) -> None:
+    """The benchmark's cells in a table that fits the terminal; the wide one (roofline, time model) is in
+    RUN/benchmark.md."""
+    from skipbench.tables import number, with_interval
+
+    drafts: list[str] = []
+    title = f"{summary['model']} on {summary['device']}: roofline {summary['roofline_tokens_per_s']:.1f} tokens/s"
+    table = Table(title=escape(title), title_justify="left", pad_edge=False)
+    for name in ("decoding", "tok/s", "vs native AR", "vs own AR"):
+        table.add_column(name, justify="left" if name == "decoding" else "right", overflow="fold",
+                         no_wrap=name != "decoding")
+    for row in summary["rows"]:
+        label = row["decoding"]
+        for word in label.split():
+            if word.startswith("draft="):
+                drafts += [word] if word not in drafts else []
+                label = label.replace(word, f"d{drafts.index(word) + 1}")
+        table.add_row(escape(label), number(row["tokens_per_s"], "{:.1f}"),
+                      with_interval(row["speedup_vs_native_ar"], row["speedup_vs_native_ar_low"],
+                                    row["speedup_vs_native_ar_high"]),
+                      with_interval(row["speedup"], row["speedup_low"], row["speedup_high"]))
+    out.print(table)
+    for index, word in enumerate(drafts):
+        out.print(escape(f"d{index + 1}: draft model {word.removeprefix('draft=')}"))
+    compiled = "; ".join(f"{name} {seconds:.1f} s" for name, seconds in summary.get("compile_seconds", {}).items())
+    if compiled:
+        out.print(escape(f"compile time, outside every cell's time: {compiled}"))
+    out.print(escape(f"every column (intervals, roofline fraction, the time model's prediction): "
+                     f"{run_dir / 'benchmark.md'}"))
