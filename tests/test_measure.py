@@ -271,15 +271,23 @@ def cpu_available(seconds: float = 0.5) -> float:
 
 
 def test_a_quiet_generation_is_not_flagged(tmp_path, one_core):
-    if (share := cpu_available()) < 0.95:  # other work on this shared machine: no quiet core to test on
-        pytest.skip(f"this core is busy with other work (a spinning loop got {share:.0%} of it)")
+    """On a quiet core nothing is flagged. This machine is shared, and a burst of someone else's work can land
+    between the checks of the core before and after a run, so up to three runs are tried: a false positive of the
+    rule would flag every one of them, a passing burst only one."""
     setup = replace(SETUP, max_new_tokens=16)
-    progress = Notes()
-    store = execute(setup, CELLS, tmp_path, progress=progress)
-    if preempted_rows(store)[0] and (share := cpu_available()) < 0.95:
-        pytest.skip(f"other work came to this core during the test (a spinning loop then got {share:.0%} of it)")
-    assert preempted_rows(store)[0] == 0
-    assert not any(note.startswith("warning: the machine was busy during") for note in progress.notes)
+    seen = []
+    for attempt in range(3):
+        before = cpu_available()
+        progress = Notes()
+        store = execute(setup, CELLS, tmp_path / f"attempt{attempt}", progress=progress)
+        flagged = preempted_rows(store)[0]
+        busy_note = any(note.startswith("warning: the machine was busy during") for note in progress.notes)
+        if flagged == 0 and not busy_note:
+            return  # silent on a quiet run
+        seen.append((flagged, busy_note, min(before, cpu_available())))
+    if all(share >= 0.95 for *_, share in seen):
+        pytest.fail(f"flagged on a core that was quiet before and after each of three runs: {seen}")
+    pytest.skip(f"this core was busy with other work in each of three runs: {seen}")
 
 
 def test_a_resume_with_nothing_left_to_measure_says_nothing_of_a_busy_machine(tmp_path, monkeypatch):
