@@ -30,4 +30,5 @@ class ConsoleBar:
 
     def print(self, text: str) -> None:
         """One line of the user's text (never markup), above the bars when they are drawn."""
-        (self.bar.console if self.live else self.console).print(escape(text), soft_wrap=True)
+        # Wrapped at the terminal's width: a warning must stay readable on an 80-column terminal.
+        (self.bar.console if self.live else self.console).print(escape(text))
