@@ -243,6 +243,13 @@ CASES = [
     Case("export-spec-bench-without-out", ("export", "{run}", "--format", "spec-bench"), "give --out DIR"),
     Case("export-spec-bench-out-is-a-file", ("export", "{run}", "--format", "spec-bench", "--out",
                                              "{run}/manifest.json"), "is a file"),
+    Case("export-empty-run", ("export", "{empty}", "--format", "csv"), "holds no finished cells"),
+    Case("export-spec-bench-empty-run", ("export", "{empty}", "--format", "spec-bench", "--out", "{out}"),
+         "holds no finished cells"),
+    # ------------------------------------------------------------------ policies
+    Case("policies-empty-run", ("policies", "{empty}"), "holds no finished cells"),
+    Case("policies-without-policy-cells", ("policies", "{run}"), "holds no draft-policy cells"),
+    Case("policies-not-a-run", ("policies", "{out}"), "is not a skipbench run directory"),
 ]
 
 
