@@ -261,3 +261,11 @@ def test_report_compare_and_datasets_fit_80_columns(tmp_path, monkeypatch):
             assert len([line for line in result.output.splitlines() if line.startswith("│")]) == 20  # a line a cell
         if args[0] == "report":
             assert "|:---" not in result.output and "(efficiency.md: every column)" in " ".join(result.output.split())
+
+
+def test_run_help_names_every_task_its_dataset_option_takes():
+    result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    line = next(line for line in result.output.splitlines() if "--dataset" in line)
+    tasks = ("cnn_dm", "humaneval", "topv2", "spec_bench", "spec_bench:multi_turn", "jsonl:PATH")
+    assert all(name in line for name in tasks), line  # the names `unknown dataset` lists
