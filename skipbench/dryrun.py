@@ -262,7 +262,9 @@ def shape_for(config, dtype: str, gpu: bool) -> costs.ModelShape:
 
 def report(setup: Setup, cells: list[Cell], options: Options, *, device_name: str = "") -> list[str]:
     """The dry run's lines: cells, configs, placement and memory per device, the time estimate and its basis."""
-    devices = placement.target_devices(options.gpus, options.gpu_memory) if options.gpus else present_devices()
+    placement.parse_memory(options.gpu_memory)  # a bad --gpu-memory is refused even where --gpus is not given
+    devices = (placement.target_devices(options.gpus, options.gpu_memory) if options.gpus is not None
+               else present_devices())
     gpu = devices[0].name.startswith("cuda")
     dtype = setup.dtype if setup.dtype != "auto" else ("bfloat16" if gpu else "float32")
     lines = [f"dry run: {len(cells)} cell(s), nothing loaded"]
@@ -286,7 +288,10 @@ def report(setup: Setup, cells: list[Cell], options: Options, *, device_name: st
     try:
         placed = placement.resolve(mode, shapes["target"], devices, kv_tokens=kv_tokens)
     except placement.PlacementError as error:
+        if mode not in placement.MODES:  # the JSON map itself is wrong: bad input, refused as a real run does
+            raise
         return [*lines, f"placement: {error}"]
+    placement.check_present(placed, devices, f"model {setup.model}")  # a map naming a device not there
     if setup.device_map is None and len(placed.devices()) > 1:
         lines.append("note: the model does not fit on one device: run it with --device-map auto (shown)")
     lines.append(f"placement ({mode}) of {setup.model}: {placed.summary()}")

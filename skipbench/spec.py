@@ -298,6 +298,7 @@ class Grid:
                             raise SpecError(f"a {strategy} sweep needs at least one --draft-model")
                         cells += [Cell(strategy, None, k, d, backend, 0, name) for d in self.draft_models
                                   for k in self.speculations]
+        cells = list(dict.fromkeys(cells))  # a policy or draft model named twice: each cell once
         if any(size < 1 for size in self.batch_sizes):
             raise SpecError(f"batch sizes must be >= 1 (got {', '.join(map(str, self.batch_sizes))})")
         if self.batch_sizes != (1,):

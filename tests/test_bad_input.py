@@ -243,6 +243,21 @@ CASES = [
     Case("export-spec-bench-without-out", ("export", "{run}", "--format", "spec-bench"), "give --out DIR"),
     Case("export-spec-bench-out-is-a-file", ("export", "{run}", "--format", "spec-bench", "--out",
                                              "{run}/manifest.json"), "is a file"),
+    Case("export-empty-run", ("export", "{empty}", "--format", "csv"), "holds no finished cells"),
+    Case("export-spec-bench-empty-run", ("export", "{empty}", "--format", "spec-bench", "--out", "{out}"),
+         "holds no finished cells"),
+    # ------------------------------------------------------------------ policies
+    Case("policies-empty-run", ("policies", "{empty}"), "holds no finished cells"),
+    Case("policies-without-policy-cells", ("policies", "{run}"), "holds no draft-policy cells"),
+    Case("policies-not-a-run", ("policies", "{out}"), "is not a skipbench run directory"),
+    # ------------------------------------------------------------------ dry runs: the same input errors as a real run
+    Case("dry-run-device-map-not-json", run("-p", "x", "-e", "1", "--dry-run", "--device-map",
+                                            "{data:bad-map.json}"), "cannot read it as JSON"),
+    Case("dry-run-device-map-absent-gpu", run("-p", "x", "-e", "1", "--dry-run", "--device-map", "{json:gpu-stages}"),
+         "is placed on cuda:1, which this machine lacks; it has cpu", skip="CUDA is available here" if CUDA else None),
+    Case("dry-run-gpus-0", run("-p", "x", "-e", "1", "--dry-run", "--gpus", "0"), "--gpus must be >= 1 (got 0)"),
+    Case("dry-run-gpu-memory-garbage", run("-p", "x", "-e", "1", "--dry-run", "--gpu-memory", "abc"),
+         "cannot read the memory size 'abc'"),
 ]
 
 
@@ -277,6 +292,7 @@ def stored(tmp_path_factory):
     (root / "data" / "topv2" / "test.jsonl").write_text("")
     (root / "data" / "empty.jsonl").write_text("")
     (root / "data" / "blank.jsonl").write_text("\n  \n\t\n")
+    (root / "data" / "bad-map.json").write_text("{bad")
     make_gpt2(root / "gpt2")
     assert RunStore(root / "run").has_cells()
     return root

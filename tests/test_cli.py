@@ -261,3 +261,12 @@ def test_report_compare_and_datasets_fit_80_columns(tmp_path, monkeypatch):
             assert len([line for line in result.output.splitlines() if line.startswith("│")]) == 20  # a line a cell
         if args[0] == "report":
             assert "|:---" not in result.output and "(efficiency.md: every column)" in " ".join(result.output.split())
+
+
+def test_run_help_names_every_task_its_dataset_option_takes():
+    result = runner.invoke(app, ["run", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # the help is wrapped at the terminal's width
+    text = text[text.index("--dataset"):text.index("--num-samples")]
+    tasks = ("cnn_dm", "humaneval", "topv2", "spec_bench", "spec_bench:multi_turn", "jsonl:PATH")
+    assert all(name in text for name in tasks), text  # the names `unknown dataset` lists

@@ -44,6 +44,14 @@ def test_grid_from_strings_and_lists():
         grid_from({}).expand()
 
 
+def test_a_policy_or_draft_model_named_twice_gives_each_cell_once():
+    # The dry run counts and estimates the cells expand() returns: a repeat must not count twice.
+    grid = grid_from({"exits": "2", "speculations": "2", "strategies": "self_speculative,speculative",
+                      "draft_models": ["d", "d"], "draft_policies": "static,heuristic,static,heuristic"})
+    cells = grid.expand()
+    assert len(cells) == len(set(cells)) == 5  # AR, self static, self heuristic, draft static, draft heuristic
+
+
 @pytest.mark.parametrize("cell, message", [
     (Cell("self_speculative", 0, 4), "outside 1..3"),
     (Cell("self_speculative", 4, 4), "outside 1..3"),

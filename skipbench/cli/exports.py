@@ -46,7 +46,10 @@ def export(
         check_out(out, fmt)
         from skipbench.store import RunStore
 
-        RunStore(run_dir).read_manifest()  # one clear line when this is not a run directory
+        store = RunStore(run_dir)
+        store.read_manifest()  # one clear line when this is not a run directory
+        if not store.has_cells():  # not an empty document: a CSV of it would hold a lone "run" column
+            raise UserError(f"{run_dir} holds no finished cells yet: run or resume its sweep first")
         if fmt == "spec-bench":
             from skipbench.spec_bench_export import write_answer_files
 

@@ -118,8 +118,17 @@ def compare(
 def policies(run_dir: Path = typer.Argument(..., help="A run directory holding draft-policy cells.")) -> None:
     """Each dynamic draft policy against the best static cell of the run (paired interval), its mean E and K."""
     from skipbench.policy_report import markdown, write_policy_report
+    from skipbench.store import RunStore
 
     with handled():
+        store = RunStore(run_dir)
+        manifest = store.read_manifest()  # one clear line when this is not a run directory
+        if not store.has_cells():
+            raise UserError(f"{run_dir} holds no finished cells yet: run or resume its sweep first")
+        cells = [cell for cell in manifest.get("cells") or [] if isinstance(cell, dict)]
+        if all((cell.get("draft_policy") or "static") == "static" for cell in cells):
+            raise UserError(f"{run_dir} holds no draft-policy cells (only static ones): sweep with "
+                            f"--draft-policies static,heuristic,... to compare them")
         table, files = write_policy_report(run_dir)
         out.print(escape(markdown(table)))
         out.print(escape(f"wrote {', '.join(str(path) for path in files)}"), soft_wrap=True)

@@ -177,7 +177,9 @@ def run(
     out_dir: Path = OutOpt, force: bool = ForceOpt,
     model: str = ModelOpt, prompt: list[str] = PromptOpt, dataset: str = typer.Option(None, "--dataset", "-d",
                                                                                       help="cnn_dm, humaneval, "
-                                                                                      "topv2 or jsonl:PATH."),
+                                                                                      "topv2, spec_bench, "
+                                                                                      "spec_bench:multi_turn or "
+                                                                                      "jsonl:PATH."),
     num_samples: int = NumSamplesOpt, seed: int = SeedOpt, n_shot: int = NShotOpt, template: str = TemplateOpt,
     max_prompt_tokens: int = MaxPromptOpt, prompt_policy: str = PolicyOpt, data_dir: str = DataDirOpt,
     max_new_tokens: int = MaxNewOpt, stop: list[str] = StopOpt, sample: bool = SampleOpt,
