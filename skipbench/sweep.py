@@ -178,6 +178,10 @@ def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
         torch.set_num_threads(threads)
     before = machine.state(threads)  # before our own loading adds to the load average
     examples = load_examples(setup)  # an empty or unreadable prompt set is refused before any model loads
+    largest = max(cell.batch_size for cell in cells)
+    if largest > len(examples.examples):  # a cell labelled B=4 that decoded batches of 3 would misreport itself
+        raise SpecError(f"--batch-sizes {largest} is larger than the {len(examples.examples)} prompt(s) of this run: "
+                        f"give at least {largest} prompts, or batch sizes up to {len(examples.examples)}")
     names = [setup.model, *sorted({cell.draft_model for cell in cells if cell.draft_model})]
     placed = place_run(setup, names)  # --device-map: each device's memory checked, before any model loads
     if not placed:

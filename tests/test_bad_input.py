@@ -123,6 +123,10 @@ CASES = [
     Case("benchmark-too-big-for-memory", ("benchmark", "--out", "{out}"), "is available; what fits: --dtype "
          "bfloat16 (21.7 GB)", patch={"skipbench.models.available_memory": lambda device: 26 * 10**9}),
     # the target alone would fit in bfloat16 (16.1 GB), but not with its draft (5.6 GB more): bfloat16 is no advice
+    Case("batch-larger-than-prompts", ("run", "--model", "synthetic:tiny", "-p", "a", "-p", "b", "-p", "c",
+                                       "--batch-sizes", "1,4", "--max-new-tokens", "2", "--warmup", "0",
+                                       "--repeats", "1", "-o", "{out}"),
+         "--batch-sizes 4 is larger than the 3 prompt(s) of this run: give at least 4 prompts"),
     Case("benchmark-target-and-draft-too-big", ("benchmark", "--out", "{out}"), "synthetic:llama3-8b?agree=8 with "
          "synthetic:llama3-8b?agree=8&layers=8 need 43.3 GB for their float32 weights but 20.0 GB of memory is "
          "available; in bfloat16 they need 21.7 GB",
