@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from skipbench.cli import app
@@ -193,7 +194,12 @@ def test_a_sweep_without_a_file_takes_the_tasks_defaults_not_the_default_sweeps(
     assert DEFAULT_SWEEP.setup["dataset"] == "humaneval"  # not consumed by planning
 
 
-COMMANDS = ["run", "sweep", "report", "compare", "datasets", "roofline", "benchmark", "train"]
+COMMANDS = list(typer.main.get_command(app).commands)  # every registered command, new ones included
+
+
+def test_every_command_is_in_the_help_checks():
+    assert {"run", "sweep", "report", "compare", "datasets", "roofline", "benchmark", "train", "export", "schema",
+            "policies"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

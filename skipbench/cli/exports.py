@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from skipbench.cli.core import app, console, handled
+from skipbench.cli.core import PlainUsage, app, console, handled
 from skipbench.errors import UserError
 
 FORMATS = ("json", "jsonl", "csv", "spec-bench")
@@ -31,9 +31,9 @@ def check_out(out: Path | None, fmt: str) -> None:
         raise UserError(f"--out {out}: the folder {out.parent} does not exist")
 
 
-@app.command()
+@app.command(cls=PlainUsage)
 def export(
-    run_dir: Path = typer.Argument(..., help="A run directory (runs/<run>)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory (runs/<run>)."),
     fmt: str = typer.Option("json", "--format", "-f", help="json (one document), jsonl or csv (a row per line), "
                             "or spec-bench (Spec-Bench's answer files, one per cell and round)."),
     out: Path = typer.Option(None, "--out", "-o", help="The file to write (default: standard output); a folder "

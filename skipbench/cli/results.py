@@ -114,8 +114,9 @@ def compare(
     out.print("[green]no regression[/]")
 
 
-@app.command()
-def policies(run_dir: Path = typer.Argument(..., help="A run directory holding draft-policy cells.")) -> None:
+@app.command(cls=PlainUsage)
+def policies(run_dir: Path = typer.Argument(..., metavar="RUN_DIR",
+                                            help="A run directory holding draft-policy cells.")) -> None:
     """Each dynamic draft policy against the best static cell of the run (paired interval), its mean E and K."""
     from skipbench.policy_report import markdown, write_policy_report
     from skipbench.store import RunStore
