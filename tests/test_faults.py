@@ -176,40 +176,26 @@ def test_kill_9_twice_mid_sweep_loses_no_generation_and_counts_none_twice(tmp_pa
     assert (out / "tables" / "efficiency.md").is_file()
 
 
-def test_ctrl_c_mid_sweep_exits_130_with_how_to_resume_and_the_rerun_completes(tmp_path):
+@pytest.mark.parametrize("sent, code, last_line", [
+    (signal.SIGINT, 130, "interrupted: finished work is kept; rerun the same command to resume"),
+    # Slurm sends SIGTERM at preemption and at the time limit: handled like Ctrl-C.
+    (signal.SIGTERM, 143, "terminated (SIGTERM): finished work is kept; rerun the same command to resume"),
+], ids=["ctrl-c", "sigterm"])
+def test_a_signal_mid_sweep_keeps_finished_work_says_how_to_resume_and_the_rerun_completes(tmp_path, sent, code,
+                                                                                            last_line):
     out = tmp_path / "run"
     process = start(out, gate=6)
     wait_for_journal(process, out, 5)
-    process.send_signal(signal.SIGINT)
-    code, _, stderr = finish(process, timeout=60)
-    assert code == 130, stderr
+    process.send_signal(sent)
+    exit_code, _, stderr = finish(process, timeout=60)
+    assert exit_code == code, stderr
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == ("interrupted: finished work is kept; rerun the same command to "
-                                               "resume")
-    journaled = journal(out)
-    assert len(journaled) == 5
-    code, _, stderr = finish(start(out))
-    assert code == 0, stderr
-    frame = assert_complete_and_unmixed(out)
-    assert_kept(frame, journaled)
-
-
-def test_sigterm_mid_sweep_is_handled_like_ctrl_c_exit_143(tmp_path):
-    """Slurm sends SIGTERM at preemption and at the time limit: finished work kept, one line, lock released."""
-    out = tmp_path / "run"
-    process = start(out, gate=6)
-    wait_for_journal(process, out, 5)
-    process.send_signal(signal.SIGTERM)
-    code, _, stderr = finish(process, timeout=60)
-    assert code == 143, stderr
-    assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == ("terminated (SIGTERM): finished work is kept; rerun the same "
-                                               "command to resume")
+    assert stderr.strip().splitlines()[-1] == last_line
     assert not (out / ".lock").exists()
     journaled = journal(out)
     assert len(journaled) == 5
-    code, _, stderr = finish(start(out))
-    assert code == 0, stderr
+    exit_code, _, stderr = finish(start(out))
+    assert exit_code == 0, stderr
     assert_kept(assert_complete_and_unmixed(out), journaled)
 
 
