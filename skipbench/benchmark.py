@@ -97,6 +97,7 @@ def run_benchmark(model: str, draft: str | None, exits: list[int], speculations:
     provenance = manifest["provenance"]
     summary = {"model": model, "device": provenance["device"], "dtype": provenance["dtype"],
                "compile_seconds": provenance.get("compile_seconds", {}),
+               "compiled_graphs": provenance.get("compiled_graphs", {}),
                "threads": provenance["cpu_threads"], "torch": provenance["torch_version"],
                "transformers": provenance["transformers_version"], "weight_bytes": weight_bytes,
                "roofline_tokens_per_s": roofline_tokens_per_s, **peaks, "prompt_tokens": prompt_tokens,
@@ -127,6 +128,13 @@ def benchmark_markdown(summary: dict) -> str:
         "measured / predicted": number(row["speedup"] / row["predicted_speedup"], "{:.0%}"),
         "tokens per verify step": number(row["tokens_per_verify_step"], "{:.2f}"),
     } for row in summary["rows"]])
-    compiled = "; ".join(f"{name} {seconds:.1f} s" for name, seconds in summary.get("compile_seconds", {}).items())
+    compiled = compile_text(summary)
     footer = f"\nCompile time, outside every cell's time: {compiled}.\n" if compiled else ""
     return header + to_markdown(table) + footer
+
+
+def compile_text(summary: dict) -> str:
+    """Per model, the seconds torch.compile took and the graphs it made ("" when nothing was compiled)."""
+    graphs = summary.get("compiled_graphs", {})
+    return "; ".join(f"{name} {seconds:.1f} s" + (f" ({graphs[name]} graphs)" if name in graphs else "")
+                     for name, seconds in summary.get("compile_seconds", {}).items())

@@ -55,17 +55,24 @@ class Decoder(Protocol):
 class BuildContext:
     """What the cells of a run share when their decoders are built: one engine per model and kind (eager or
     compiled), so that a model is compiled once and every cell reuses it, and the one static cache
-    capacity (the longest prompt, the token budget and the longest draft) compiled engines need."""
+    capacity (the longest prompt, the token budget and the longest draft) compiled engines need. `prompts`: how
+    many the run decodes (a batched cell's last batch holds the rest, a shape compiled engines warm too)."""
 
     capacity: int = 0
-    sample: bool = False  # which draft path runs (greedy drafts a whole phase in one call), hence what compiles
+    sample: bool = False
     stacks: dict = field(default_factory=dict)
+    prompts: int = 0
 
     @classmethod
     def for_run(cls, cells: Sequence[Cell], longest_prompt: int, max_new_tokens: int,
-                sample: bool = False) -> BuildContext:
+                sample: bool = False, prompts: int = 0) -> BuildContext:
         most = max(cell.num_speculations or 0 for cell in cells)
-        return cls(capacity=longest_prompt + max_new_tokens + most + 1, sample=sample)
+        return cls(capacity=longest_prompt + max_new_tokens + most + 1, sample=sample, prompts=prompts)
+
+    def batch_rows(self, batch_size: int) -> tuple[int, ...]:
+        """The row counts a cell's batches have: B, and the rest of the prompts in the last batch."""
+        rest = self.prompts % batch_size if self.prompts and batch_size > 1 else 0
+        return (batch_size, rest) if rest else (batch_size,)
 
     def stack(self, loaded: LoadedModel, compiled: bool = False):
         from skipbench.decoding.layers import DecoderStack
@@ -78,6 +85,10 @@ class BuildContext:
 
     def compile_seconds(self) -> dict[str, float]:
         return {name: round(stack.compile_seconds, 3) for (name, _), stack in self.stacks.items() if stack.compiled}
+
+    def compiled_graphs(self) -> dict[str, int]:
+        """Graphs compiled per model: one per unit and pass shape (rows x positions), shared by every exit."""
+        return {name: stack.compiled_graphs for (name, _), stack in self.stacks.items() if stack.compiled}
 
 
 @dataclass(frozen=True)
@@ -204,7 +215,8 @@ class NativeDecoder:
     draft_policy: str = policies.STATIC
     num_layers: int = 0
     head_layers: float = 0.0  # LM head parameters over one decoder layer's (the dynamic-exit policy's cost model)
-    batched: object = None  # decoding.batch.BatchEngine: the same strategy on batches (eager engine only)
+    batched: object = None  # decoding.batch.BatchEngine: the same strategy on batches
+    batch_rows: tuple[int, ...] = (1,)  # the row counts of its batches (what a compiled engine warms)
 
     def generate(self, prompt, *, max_new_tokens, sampler, eos_ids, stop, seed) -> Generation:
         from skipbench.decoding.loop import generate
@@ -224,9 +236,10 @@ class NativeDecoder:
     def warm(self) -> None:
         from skipbench.decoding.layers import EngineError
 
-        for stack, role, passes in self.strategy.shapes(self.num_speculations, self.sample):
+        plans = [plan for rows in self.batch_rows for plan in self.strategy.shapes(self.num_speculations, rows)]
+        for stack, shapes in plans:
             try:
-                stack.warm(role, passes)
+                stack.warm(shapes)
             except Exception as error:  # a compiler missing or failing: one line, and eager still works
                 first = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 raise EngineError(f"torch.compile failed ({type(error).__name__}: {first[:200]}); run without "
@@ -268,7 +281,8 @@ def _native(kind: str, compiled: bool = False) -> Callable[[Cell, LoadedModel, L
                                   getattr(strategy, "exit_layer", None), draft_stack)
         layer = sum(weight.numel() for weight in stack.layers[0].parameters())
         return NativeDecoder(strategy, cell.num_speculations or 0, target.model.device, context.sample, draft_policy,
-                             stack.num_layers, stack.lm_head.weight.numel() / layer, batched)
+                             stack.num_layers, stack.lm_head.weight.numel() / layer, batched,
+                             context.batch_rows(getattr(cell, "batch_size", 1)))
 
     return build
 
@@ -329,22 +343,18 @@ register(Method("speculative", "native", "2-model", "a separate draft model prop
                 check_models=_engine_drives))
 register(Method("self_speculative", "native", "self", "layers < E draft K tokens; shared KV and exit-query cache",
                 drafter="exit", draft_cache=None, build=_native("exit"), check_models=_engine_drives))
-# The same engine with static shapes and torch.compile (CUDA graphs on a GPU); `--compile` selects it.
-COMPILED_BATCH = "the compiled engine decodes one prompt at a time so far (batched static shapes: not built yet)"
+# The same engine with static shapes and torch.compile; `--compile` selects it.
 ASSISTED_BATCH = ("transformers' assisted generation decodes one prompt at a time (generate() refuses a batch "
                   "larger than 1)")
 register(Method("autoregressive", "compiled", "AR", "skipbench's engine, static shapes, torch.compile",
                 drafter=None, draft_cache=None, build=_native("none", compiled=True), check_models=_engine_drives,
-                eager_layers=False, policy_support="static",
-                batch_refusal=COMPILED_BATCH))
+                eager_layers=False, policy_support="static"))
 register(Method("speculative", "compiled", "2-model", "the two-model engine, static shapes, torch.compile",
                 drafter="draft_model", draft_cache="draft_model", build=_native("draft_model", compiled=True),
-                check_models=_engine_drives, eager_layers=False, policy_support="static",
-                batch_refusal=COMPILED_BATCH))
+                check_models=_engine_drives, eager_layers=False, policy_support="static"))
 register(Method("self_speculative", "compiled", "self", "the self-speculative engine, static shapes, torch.compile",
                 drafter="exit", draft_cache=None, build=_native("exit", compiled=True), check_models=_engine_drives,
-                eager_layers=False, policy_support="static",
-                batch_refusal=COMPILED_BATCH))
+                eager_layers=False, policy_support="static"))
 register(Method("autoregressive", "hf", "AR", "transformers generate()", drafter=None, draft_cache=None, build=_hf()))
 register(Method("speculative", "hf", "2-model", "transformers generate(assistant_model=D)",
                 drafter="draft_model", draft_cache="draft_model", build=_hf(), policy_support="transformers",

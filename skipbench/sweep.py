@@ -204,7 +204,7 @@ def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
                             prompts=prompt_set.describe(), dtype=target.model.dtype, machine={"before": before},
                             device=used_devices(target, *drafts.values()) if placed else target.model.device,
                             placements={name: where.describe() for name, where in placed.items()})
-    context = BuildContext.for_run(cells, lengths[-1], prompt_set.max_new_tokens, setup.sample)
+    context = BuildContext.for_run(cells, lengths[-1], prompt_set.max_new_tokens, setup.sample, len(lengths))
     busy = machine.busy_warning(before, when="before")
     return Loaded(target, drafts, prompt_set, context, manifest, threads, before, list(prompt_set.notes),
                   [f"warning: {busy}"] if busy else [])
@@ -250,11 +250,12 @@ def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool
         measured = measure_group(keyed, loaded.runner(setup), loaded.prompt_set, store, repeats=setup.repeats,
                                  sampled=setup.sample, progress=progress, when_measuring=loaded.busy)
         after = machine.state(loaded.threads)
-        compiled = loaded.context.compile_seconds()
+        compiled, graphs = loaded.context.compile_seconds(), loaded.context.compiled_graphs()
         if compiled:
             progress.note("compile time (outside every cell's time): " + ", ".join(
-                f"{name} {seconds:.1f} s" for name, seconds in compiled.items()))
+                f"{name} {seconds:.1f} s ({graphs[name]} graphs)" for name, seconds in compiled.items()))
         store.write_manifest({**manifest, "provenance": {**manifest["provenance"], "compile_seconds": compiled,
+                                                         "compiled_graphs": graphs,
                                                          "machine": {"before": loaded.before, "after": after}}})
         # A session that measured nothing (a resume of a finished run) timed nothing a busy machine could spoil.
         if measured.session and (warning := machine.busy_warning(after, when="after")) is not None:

@@ -64,6 +64,45 @@ def test_every_row_equals_its_prompt_decoded_alone(shape, size):
         assert len(lengths) > 1, name  # rows finished at different steps
 
 
+def test_compiled_batches_equal_each_prompt_decoded_alone_and_compile_nothing_while_decoding():
+    """Compiled (static slots, one graph per (rows, positions)): at B = 4 and 16 every row's tokens and step counts
+    equal its prompt decoded alone, for every strategy, with rows stopping at different steps; each batch runs the
+    graphs warmed for it and compiles nothing more."""
+    from torch._dynamo.utils import counters
+
+    model, draft_model = make_model("odd"), make_model("odd", seed=3)
+    prompts = [*PROMPTS, *[[1, *range(30 + row, 30 + row + row % 5)] for row in range(8)]]  # 16 rows
+    k = 3
+    capacity = max(map(len, prompts)) + NEW + k + 1
+    stack = DecoderStack(model, compile=True, capacity=capacity)
+    draft = DecoderStack(draft_model, compile=True, capacity=capacity)
+    batched, batched_draft = BatchStack(stack), BatchStack(draft)
+    eos = [alone(Autoregressive(DecoderStack(model)), prompts[0], 0, []).tokens[5]]
+    cases = [(Autoregressive(DecoderStack(model)), BatchEngine(batched), Autoregressive(stack), 0),
+             (SelfSpeculative(DecoderStack(model), 2), BatchEngine(batched, "exit", 2), SelfSpeculative(stack, 2), k),
+             (SelfSpeculative(DecoderStack(model), 1), BatchEngine(batched, "exit", 1), SelfSpeculative(stack, 1), k),
+             (TwoModel(DecoderStack(model), DecoderStack(draft_model)),
+              BatchEngine(batched, "draft_model", draft=batched_draft), TwoModel(stack, draft), k)]
+    for size in (4, 16):
+        for _, _, shaped, drafts in cases:
+            for compiled_stack, shapes in shaped.shapes(drafts, size):
+                compiled_stack.warm(shapes)
+    graphs = counters["stats"]["unique_graphs"]
+    for size in (4, 16):
+        for eager, engine, _, drafts in cases:
+            singles = [alone(eager, prompt, drafts, eos) for prompt in prompts[:size]]
+            rows, _ = generate_batch(engine, prompts[:size], max_new_tokens=NEW, num_speculations=drafts,
+                                     samplers=[Sampler()] * size, eos_ids=eos, device=CPU)
+            for index, (row, single) in enumerate(zip(rows, singles, strict=True)):
+                assert row.tokens == single.tokens, (type(eager).__name__, size, index)
+                assert steps(row) == steps(single), (type(eager).__name__, size, index)
+            assert {entry.window for row in rows for entry in row.passes if entry.start < entry.end} == {capacity}
+            assert len({len(row.steps) for row in rows}) > 1
+    assert counters["stats"]["unique_graphs"] == graphs
+    # One graph per unit (pass inputs, a layer, the head) and pass shape, whatever the exits: E=1 and E=2 share.
+    assert stack.compiled_graphs == len({("inputs", rows, n) for rows in (4, 16) for n in (1, k + 1)}) * 3
+
+
 def test_a_finished_rows_work_is_recorded_as_wasted():
     model = make_model("tied")
     stack = BatchStack(DecoderStack(model))

@@ -77,6 +77,25 @@ def test_compiled_sampling_draws_what_eager_sampling_draws(models):
             assert draws[0].tokens == draws[1].tokens and steps(draws[0]) == steps(draws[1])
 
 
+def test_the_compiled_graphs_of_a_grid_do_not_grow_with_its_exits(models):
+    """Exits {1, 2, 3} compile the graphs exits {1} compiled and not one more (dynamo's own count says so too):
+    a graph is a pass shape, (rows, positions), shared by every layer and every exit."""
+    target, _, prompts = models
+
+    def warm(exits):
+        cells = [Cell("self_speculative", exit_layer, k, backend="compiled") for exit_layer in exits for k in (2, 4)]
+        context = BuildContext.for_run(cells, max(map(len, prompts)), NEW)
+        before = counters["stats"]["unique_graphs"]
+        for cell in cells:
+            cell.method.build(cell, target, None, context).warm()
+        return context.compiled_graphs()["synthetic:tiny"], counters["stats"]["unique_graphs"] - before
+
+    graphs_one, _ = warm((1,))
+    graphs_three, compiled_for_three = warm((1, 2, 3))
+    assert graphs_one == graphs_three == 3 * 3  # (inputs, layer, head) x positions {1, 3, 5}
+    assert compiled_for_three == 0
+
+
 def test_a_generation_longer_than_the_compiled_capacity_is_refused(models):
     from skipbench.decoding.layers import EngineError
 
@@ -88,7 +107,7 @@ def test_a_generation_longer_than_the_compiled_capacity_is_refused(models):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_float32_the_compiled_engine_with_cuda_graphs_equals_eager():
+def test_on_cuda_float32_the_compiled_engine_equals_eager():
     target = load_model("synthetic:tiny?agree=2", dtype="float32", device="cuda")
     prompt = target.tokenizer.encode("def fibonacci(n):")
     cells = [Cell("autoregressive", backend=b) for b in ("native", "compiled")]

@@ -454,13 +454,13 @@ NATIVE_CASES = [
 
 
 class StackRuns:
-    """FlopCounterMode around every DecoderStack.run call (one recorded pass) and every DecoderStack.chain call
-    (a greedy draft phase: as many recorded passes as drafts), in call order."""
+    """FlopCounterMode around every DecoderStack.run call (one recorded pass; a greedy draft phase, `chain`, is
+    one run per draft), in call order."""
 
     def __init__(self, monkeypatch) -> None:
         # (model, positions through layers of each pass it records, FLOPs)
         self.raw: list[tuple[LlamaForCausalLM, list[int], int]] = []
-        run, chain = DecoderStack.run, DecoderStack.chain
+        run = DecoderStack.run
 
         def counted_run(stack, inputs, cache, start, end, head=0):
             with counter() as fc:
@@ -469,14 +469,7 @@ class StackRuns:
             self.raw.append((stack.model, [positions if start < end else 0], fc.get_total_flops()))
             return out
 
-        def counted_chain(stack, inputs, cache, end, count):
-            with counter() as fc:
-                out = chain(stack, inputs, cache, end, count)
-            self.raw.append((stack.model, [inputs.shape[-1]] + [1] * (count - 1), fc.get_total_flops()))
-            return out
-
         monkeypatch.setattr(DecoderStack, "run", counted_run)
-        monkeypatch.setattr(DecoderStack, "chain", counted_chain)
 
     def flops(self) -> list[int]:
         """Per call, less the rotary table each layer span builds (see `rotary_flops`)."""

@@ -193,7 +193,8 @@ def test_with_eight_fake_gpus_each_layer_has_its_cache_rotary_and_input_device()
             stack.layers[1].mlp(torch.zeros(1, 2, 64, device="cuda:0"))
         cache = stack.new_cache(64, None, "target")
         gpus = [torch.device(f"cuda:{index}") for index in range(8)]
-        assert [cache.keys[index].device for index in range(8)] == gpus
+        assert [cache.slots[index].keys.device for index in range(8)] == gpus
+        assert [slot.values.device for slot in stack.new_slots(4)] == gpus  # a batch's static slots too
         assert [stack._rotary[device].inv_freq.device for device in gpus] == gpus
         assert [stack.input_device(index) for index in range(9)] == [gpus[0], *gpus]
         assert stack._spans(2, 6) == [(index, index + 1, gpus[index]) for index in range(2, 6)]
@@ -230,7 +231,7 @@ def test_with_eight_fake_gpus_static_caches_and_passes_stay_on_each_layers_devic
     stack.compiled = True  # static caches and the static pass, run eagerly (no compiler under fake tensors)
     with mode, torch.inference_mode():
         cache = stack.new_cache(64, None, "target")
-        assert [cache.keys[index].device for index in range(8)] == [torch.device(f"cuda:{i}") for i in range(8)]
+        assert [cache.slots[i].keys.device for i in range(8)] == [torch.device(f"cuda:{i}") for i in range(8)]
         _, logits = stack.run(torch.zeros(4, dtype=torch.long, device="cuda:0"), cache, 0, 8, head=1)
         assert stack.moves == 8 and logits.device == torch.device("cuda:7")
         states, drafts = stack.chain(logits.argmax(-1), cache, 4, 3)

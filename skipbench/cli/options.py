@@ -30,8 +30,8 @@ ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (defaul
 ExecuteOpt = typer.Option(None, "--execute-code/--no-execute-code",
                           help="Run HumanEval completions against their tests (pass@1) in a sandbox.")
 CompileOpt = typer.Option(False, "--compile", help="Run skipbench's engine with static shapes and torch.compile "
-                          "(CUDA graphs on a GPU): the 'native' backend becomes 'compiled'. Compile time is "
-                          "reported apart, never inside a cell's time.")
+                          "(one graph per pass shape, rows x positions, shared by every layer and exit): the 'native' "
+                          "backend becomes 'compiled'. Compile time is reported apart, never inside a cell's time.")
 UncontainedOpt = typer.Option(False, "--execute-code-uncontained",
                               help="Where no namespace sandbox is available, run model-written code with only "
                                    "resource limits: it can read and write your files and use the network.")

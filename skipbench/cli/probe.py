@@ -118,6 +118,7 @@ def benchmark(
 def print_benchmark(summary: dict, run_dir: Path) -> None:
     """The benchmark's cells in a table that fits the terminal; the wide one (roofline, time model) is in
     RUN/benchmark.md."""
+    from skipbench.benchmark import compile_text
     from skipbench.tables import number, with_interval
 
     drafts: list[str] = []
@@ -139,7 +140,7 @@ def print_benchmark(summary: dict, run_dir: Path) -> None:
     out.print(table)
     for index, word in enumerate(drafts):
         out.print(escape(f"d{index + 1}: draft model {word.removeprefix('draft=')}"))
-    compiled = "; ".join(f"{name} {seconds:.1f} s" for name, seconds in summary.get("compile_seconds", {}).items())
+    compiled = compile_text(summary)
     if compiled:
         out.print(escape(f"compile time, outside every cell's time: {compiled}"))
     out.print(escape(f"every column (intervals, roofline fraction, the time model's prediction): "

@@ -9,7 +9,8 @@ length is never seen: the row's next real input is written over it before any qu
 
 The same modules of the model run (embedding, decoder layers, rotary embedding, final norm, LM head) as
 in `layers.DecoderStack`, which this wraps; every pass is recorded in each row's trace as one `Pass` with
-`batch` rows sharing its weight reads.
+`batch` rows sharing its weight reads. On a compiled stack the caches are its static slots for B rows and the
+passes run through its compiled units (one graph per (rows, positions), shared by every layer and exit).
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from collections.abc import Sequence
 
 import torch
 
-from skipbench.decoding.layers import DecoderStack, run_layers
+from skipbench.decoding.layers import DecoderStack, EngineError, LayerSlot, run_layers
 from skipbench.decoding.record import Trace
 
 
 class BatchCache:
     """Keys and values (rows, kv heads, capacity, head dim) per layer; a filled length per layer and row."""
 
-    def __init__(self, num_layers: int, rows: int, capacity: int, traces: Sequence[Trace] | None, model: str):
+    def __init__(self, num_layers: int, rows: int, capacity: int, traces: Sequence[Trace] | None, model: str,
+                 slots: list[LayerSlot] | None = None):
         self.capacity = capacity
         self.rows = rows
+        self.slots = slots  # a compiled stack's static slots (the whole capacity attended, masked)
         self.lengths = [[0] * rows for _ in range(num_layers)]
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
@@ -77,7 +80,13 @@ class BatchStack:
         self.device = stack.device
 
     def new_cache(self, rows: int, capacity: int, traces: Sequence[Trace] | None, model: str) -> BatchCache:
-        return BatchCache(self.num_layers, rows, capacity, traces, model)
+        stack = self.stack
+        if not stack.compiled:
+            return BatchCache(self.num_layers, rows, capacity, traces, model)
+        if capacity > stack.capacity:
+            raise EngineError(f"a batch needs {capacity} cached positions but the compiled engine was built for "
+                              f"{stack.capacity}")
+        return BatchCache(self.num_layers, rows, stack.capacity, traces, model, stack.new_slots(rows, model))
 
     def ids(self, rows: Sequence[Sequence[int]], width: int | None = None) -> torch.Tensor:
         """Token ids (rows, width), each row right-padded with id 0 (filler no query ever sees)."""
@@ -99,7 +108,7 @@ class BatchStack:
         if cache.traces is not None:
             # Every row's queries are scored against the keys up to the batch's furthest position (the rest of its
             # window is masked, yet computed): the pass's window, recorded as a static cache's is.
-            window = max(past) + fed if start < end else None
+            window = (cache.capacity if cache.slots else max(past) + fed) if start < end else None
             for trace, context, count in zip(cache.traces, past, counts, strict=True):
                 trace.record(cache.model, start, end, fed, context, heads, window)
                 entry = trace.passes[-1]
@@ -109,19 +118,25 @@ class BatchStack:
         hidden = stack.embed_tokens(inputs) if start == 0 else inputs
         if start < end:
             positions = torch.tensor(past, device=self.device)[:, None] + torch.arange(fed, device=self.device)
+        if start < end and cache.slots:
+            hidden = stack.static_layers(hidden, positions, cache.slots, start, end)
+        elif start < end:
             cache.positions, cache.limit = positions, max(past) + fed
             mask = batch_mask(positions, cache.limit, hidden.dtype)
             position_embeddings = stack.rotary_emb(hidden, positions)
             hidden = run_layers(stack.layers[start:end], hidden, mask=mask, positions=positions,
                                 position_embeddings=position_embeddings, cache=cache, keyword=stack.cache_keyword)
-            for filled in cache.lengths[start:end]:
-                for row, count in enumerate(counts):
-                    filled[row] += count
+        for filled in cache.lengths[start:end]:
+            for row, count in enumerate(counts):
+                filled[row] += count
         logits = None
         if head == "all":
-            logits = stack.head(hidden)
+            logits = self._head(hidden, cache, end)
         elif head == "last":
-            rows = torch.arange(cache.rows, device=self.device)
-            last = torch.tensor([max(count, 1) - 1 for count in counts], device=self.device)
-            logits = stack.head(hidden[rows, last][:, None])[:, 0]
+            rows = torch.arange(cache.rows, device=hidden.device)
+            last = torch.tensor([max(count, 1) - 1 for count in counts], device=hidden.device)
+            logits = self._head(hidden[rows, last][:, None], cache, end)[:, 0]
         return hidden, logits
+
+    def _head(self, hidden: torch.Tensor, cache: BatchCache, end: int) -> torch.Tensor:
+        return self.stack.static_head(hidden, end) if cache.slots else self.stack.head(hidden)

@@ -8,18 +8,19 @@ Two ways to run a span:
 - eager (the default): each layer attends over exactly the positions its cache holds; shapes change
   every step, which is cheapest without a compiler.
 - compiled (`compile=True`): static shapes. Every cache has one capacity for the whole run and layers
-  attend over all of it through a mask built on the device from the query positions, so a decode step,
-  a draft step of layers < E and a verify block of K+1 positions each have one shape, and
-  `torch.compile` (on CUDA `mode="reduce-overhead"`, which captures CUDA graphs) compiles each once per
-  (layer span, positions) and reuses it for every cell of the run. Other shapes (prefill, the last
-  steps before the token budget) run the same function eagerly.
+  attend over all of it through a mask built from the query positions. `torch.compile` compiles one
+  decoder layer (and the rotary tables and mask before the layers, and the head after them) once per pass
+  shape, (rows, positions), and that one graph runs every layer of every span: the layer's weights and
+  its cache slot are the graph's inputs, so nothing in it depends on which layer it is or where a span ends.
+  A grid of exits therefore compiles what one exit does (a decode step, a draft step and a verify block of
+  K+1 positions); only more draft lengths or batch sizes add graphs. Other shapes (prefill, the last steps
+  before the token budget) run the same functions eagerly.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Sequence
 
 import torch
 import transformers
@@ -30,8 +31,8 @@ from skipbench.errors import UserError
 from skipbench.placement import Placement
 
 SUPPORTED_MODEL_TYPES = ("llama",)
-# While warming up only: torch.compile compiles one graph per pass shape, and a sweep of many exits and
-# draft lengths has more than dynamo's default limits; hitting a limit must be an error, never a silent
+# While warming up only: torch.compile compiles one graph per pass shape, and a sweep of several draft lengths
+# and batch sizes has more than dynamo's default limits; hitting a limit must be an error, never a silent
 # fall back to eager code in a cell labelled compiled.
 WARM_UP_LIMITS = dict(recompile_limit=1024, accumulated_recompile_limit=4096, fail_on_recompile_limit_hit=True)
 
@@ -40,55 +41,56 @@ class EngineError(UserError):
     """The native engine cannot drive this model or configuration; one line for the user."""
 
 
+class LayerSlot:
+    """One layer's static keys and values, (rows, kv heads, capacity, head dim): what a compiled pass hands the
+    decoder layer as its cache. The layer calls `update()`, which writes at `positions` (rows, n) and returns the
+    whole capacity (the mask hides what a query must not see). It ignores the layer index the layer passes, so
+    one compiled graph serves every layer."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+        self.positions: torch.Tensor | None = None
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        index = self.positions[:, None, :, None]
+        self.keys.scatter_(2, index.expand(-1, key.shape[1], -1, key.shape[-1]), key)
+        self.values.scatter_(2, index.expand(-1, value.shape[1], -1, value.shape[-1]), value)
+        return self.keys, self.values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # never asked by the layers the engine drives; the cache's lengths are the engine's
+
+
 class KVCache:
-    """Pre-allocated keys and values for every layer, each layer with its own filled length.
+    """Keys and values for every layer of one generation, each layer with its own filled length.
 
     Layers have separate lengths because self-speculative decoding fills layers < E (the draft) ahead of
-    layers >= E. Rolling back rejected drafts only moves a length: nothing is copied or freed. The decoder
-    layers call `update()`, the one method transformers' attention needs of a cache. Eager caches return
-    the filled part; static caches write at `positions` (a device tensor) and return the whole capacity.
+    layers >= E. Rolling back rejected drafts only moves a length: nothing is copied or freed. Eager caches
+    grow as the decoder layers call `update()` (the one method transformers' attention needs of a cache) and
+    return the filled part; static caches are `slots` (one `LayerSlot` each, allocated once per run).
     """
 
-    def __init__(self, num_layers: int, capacity: int, *,
-                 static_like: torch.Tensor | Sequence[torch.Tensor] | None = None):
-        """`static_like`: a static cache, allocated now (compiled code must never allocate it) like this
-        tensor of shape (1, kv heads, any, head dim), on its device and in its dtype; a list gives each layer
-        its own (a model spread over devices keeps each layer's cache on the layer's device)."""
+    def __init__(self, num_layers: int, capacity: int, *, slots: list[LayerSlot] | None = None):
         self.capacity = capacity
-        self.static = static_like is not None
+        self.static = slots is not None
+        self.slots = slots
         self.lengths = [0] * num_layers
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.positions: torch.Tensor | None = None  # static caches: where the current call writes
         self.trace: Trace | None = None  # where the passes over this cache are recorded, as which model's
         self.model = "target"
-        if self.static:
-            for layer in range(num_layers):
-                like = static_like if isinstance(static_like, torch.Tensor) else static_like[layer]
-                self.allocate(layer, like, like)
 
     def reset(self, trace: Trace | None, model: str) -> KVCache:
         self.lengths = [0] * len(self.lengths)
         self.trace, self.model = trace, model
         return self
 
-    def allocate(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        shape = (*key.shape[:-2], self.capacity, key.shape[-1])
-        self.keys[layer_idx] = key.new_zeros(shape)
-        self.values[layer_idx] = value.new_zeros((*shape[:-1], value.shape[-1]))
-        if self.static and key.device.type == "cuda":
-            # CUDA graphs replay on fixed addresses: the cache must stay where it was captured.
-            torch._dynamo.mark_static_address(self.keys[layer_idx])
-            torch._dynamo.mark_static_address(self.values[layer_idx])
-
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.keys[layer_idx] is None:
-            self.allocate(layer_idx, key, value)
+            shape = (*key.shape[:-2], self.capacity, key.shape[-1])
+            self.keys[layer_idx] = key.new_zeros(shape)
+            self.values[layer_idx] = value.new_zeros((*shape[:-1], value.shape[-1]))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self.static:
-            keys[:, :, self.positions] = key  # index_put_, which the compiler writes in place
-            values[:, :, self.positions] = value
-            return keys, values
         start, count = self.lengths[layer_idx], key.shape[-2]
         keys[..., start : start + count, :] = key
         values[..., start : start + count, :] = value
@@ -126,12 +128,36 @@ def causal_mask(config, past: int, count: int, device: torch.device, dtype: torc
 
 
 def static_mask(positions: torch.Tensor, capacity: int, dtype: torch.dtype) -> torch.Tensor:
-    """An additive mask over a whole static cache: query at position p sees keys 0..p, nothing after it
-    (stale entries of rejected drafts or of an earlier generation lie after it)."""
+    """An additive mask (rows, 1, n, capacity) over a whole static cache: the query of row b at position p sees
+    keys 0..p, nothing after it (stale entries of rejected drafts, of an earlier generation or of another row's
+    filler lie after it)."""
     keys = torch.arange(capacity, device=positions.device, dtype=torch.long)
-    allowed = keys[None, :] <= positions[:, None]
+    allowed = keys[None, None, :] <= positions[:, :, None]
     zero = torch.zeros((), dtype=dtype, device=positions.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+def pass_inputs(rotary: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
+                capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every layer of a static pass shares: the mask and the rotary tables for `positions` (rows, n)."""
+    cos, sin = rotary(hidden, positions)
+    return static_mask(positions, capacity, hidden.dtype), cos, sin
+
+
+def layer_step(layer: torch.nn.Module, hidden: torch.Tensor, slot: LayerSlot, positions: torch.Tensor,
+               mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keyword: str) -> torch.Tensor:
+    """One decoder layer of a static pass: the unit torch.compile compiles once per (rows, n) for all layers."""
+    slot.positions = positions
+    return run_layers([layer], hidden, mask=mask, positions=positions, position_embeddings=(cos, sin), cache=slot,
+                      keyword=keyword)
+
+
+def head_step(norm: torch.nn.Module, lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm and LM head: (rows, n, d) -> (rows, n, vocab) float32 logits."""
+    return lm_head(norm(hidden)).float()
+
+
+COMPILED_UNITS = {"inputs": pass_inputs, "layer": layer_step, "head": head_step}
 
 
 def cache_keyword(layer: torch.nn.Module) -> str:
@@ -163,10 +189,10 @@ def run_layers(layers, hidden: torch.Tensor, *, mask: torch.Tensor | None, posit
 class DecoderStack:
     """The pieces of a Llama-family causal LM that the engine calls, and how to call them.
 
-    With `compile`, passes over `compiled_positions` positions run compiled against static caches of
-    `capacity` positions (other passes run the same function eagerly); `compile_seconds` accumulates the time
-    spent compiling, outside any cell's time: the engine compiles every shape a cell needs before it is
-    timed (`warm`).
+    With `compile`, passes run against static caches of `capacity` positions, through the units of
+    `COMPILED_UNITS` compiled per pass shape (rows, positions) by `warm` before any cell is timed (other shapes
+    run the same functions eagerly); `compile_seconds` accumulates the time spent compiling and
+    `compiled_graphs` counts the graphs, outside any cell's time.
 
     With a `placement` (a model spread over devices) each run of layers on one device is a stage: its
     layers, their KV cache and a copy of the rotary tables live there, and the hidden state moves to the
@@ -213,39 +239,47 @@ class DecoderStack:
         self.compiled = compile
         self.capacity = capacity
         self.compile_seconds = 0.0
-        self._caches: dict[str, KVCache] = {}
-        self._warmed: set[tuple] = set()
+        self._slots: dict[tuple[str, int], list[LayerSlot]] = {}
+        self._warmed: set[tuple[str, int, int]] = set()  # (unit, rows, positions) compiled
         # Eager only: when a dict, the states after each layer count it names (exit l: after layers [0, l)) of
         # every position the eager passes run are appended to it (the dynamic-exit policy's shadow tokens).
         self.taps: dict[int, list[torch.Tensor]] | None = None
-        if compile:
-            # CUDA: CUDA graphs (what mode="reduce-overhead" turns on). CPU: the wrapper around the kernels in
-            # C++ rather than Python, which is most of a small model's step.
-            # (CUDA graph trees capture one device: a spread model compiles without them.)
-            cuda = self.device.type == "cuda"
-            options = {"triton.cudagraphs": not self.spread} if cuda else {"cpp_wrapper": True}
-            self._compiled_pass = torch.compile(self._static_pass, dynamic=False, options=options)
-            self._compiled_chain = torch.compile(self._static_chain, dynamic=False, options=options)
+        # CPU: the wrapper around the kernels in C++ rather than Python, which is most of a small model's step.
+        # CUDA: fused kernels without CUDA graphs (a graph would be captured per layer, each with its own weights'
+        # addresses); a layer's launches overlap the GPU's work on the one before.
+        options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
+        self._compiled = {unit: torch.compile(function, dynamic=False, options=options)
+                          for unit, function in COMPILED_UNITS.items()} if compile else {}
+
+    @property
+    def compiled_graphs(self) -> int:
+        """How many graphs this stack compiled: one per unit and pass shape, whatever the exits."""
+        return len(self._warmed)
 
     def _new_rotary(self, device: torch.device) -> torch.nn.Module:
         with device:  # its inverse frequencies are computed on `device`
             return type(self.rotary_emb)(config=self.config)
 
+    def new_slots(self, rows: int, role: str = "target") -> list[LayerSlot]:
+        """Static keys and values for `rows` rows, one slot per layer on its layer's device; a compiled stack keeps
+        one set per (role, rows) for the whole run, allocated once (compiled code never allocates a cache)."""
+        if (role, rows) not in self._slots:
+            config = self.config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            shape = (rows, config.num_key_value_heads, self.capacity, head_dim)
+            self._slots[role, rows] = [
+                LayerSlot(torch.zeros(shape, dtype=self.dtype, device=device),
+                          torch.zeros(shape, dtype=self.dtype, device=device)) for device in self.layer_devices]
+        return self._slots[role, rows]
+
     def new_cache(self, capacity: int, trace: Trace | None = None, model: str = "target") -> KVCache:
-        """A cache for one generation. Compiled stacks keep one static cache per model role for the whole
-        run (CUDA graphs need fixed addresses; compiled shapes need one capacity)."""
+        """A cache for one generation: eager, or on a compiled stack its static slots for one row."""
         if not self.compiled:
             return KVCache(self.num_layers, capacity).reset(trace, model)
         if capacity > self.capacity:
             raise EngineError(f"a generation needs {capacity} cached positions but the compiled engine was built "
                               f"for {self.capacity}")
-        if model not in self._caches:
-            config = self.config
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            like = [torch.empty(1, config.num_key_value_heads, 0, head_dim, dtype=self.dtype, device=device)
-                    for device in self.layer_devices]  # each layer's cache on its layer's device
-            self._caches[model] = KVCache(self.num_layers, self.capacity, static_like=like)
-        return self._caches[model].reset(trace, model)
+        return KVCache(self.num_layers, self.capacity, slots=self.new_slots(1, model)).reset(trace, model)
 
     def ids(self, token_ids: list[int]) -> torch.Tensor:
         return torch.tensor(token_ids, dtype=torch.long, device=self.device)
@@ -262,11 +296,12 @@ class DecoderStack:
         count = inputs.shape[0] if start == 0 else inputs.shape[1]
         if cache.trace is not None:
             cache.trace.record(cache.model, start, end, count, past, head, cache.capacity if cache.static else None)
+        hidden = self._embed(inputs) if start == 0 else inputs
         if cache.static:
-            positions = torch.arange(past, past + count, device=self.device, dtype=torch.long)
-            hidden, logits = self._pass((start, end, count, head), inputs, positions, cache, start, end, head)
+            positions = torch.arange(past, past + count, device=self.device, dtype=torch.long)[None]
+            hidden = self.static_layers(hidden, positions, cache.slots, start, end)
+            logits = self.static_head(hidden[:, count - head :], end)[0] if head else None
         else:
-            hidden = self._embed(inputs) if start == 0 else inputs
             hidden = self._layers(hidden, cache, start, end, past, count) if start < end else hidden
             logits = self._head(hidden[:, count - head :], end) if head else None
         cache.advance(start, end, count)
@@ -274,57 +309,86 @@ class DecoderStack:
 
     def chain(self, inputs: torch.Tensor, cache: KVCache, end: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`count` greedy draft passes through layers [0, end) and the head: the first on the ids `inputs`
-        (n,), each next one on the previous pass's argmax. Returns the states of each pass's last position
-        (1, count, d) and the drafted ids (count,). One compiled call when warmed (a whole draft phase), and
-        recorded as the `count` passes it is."""
-        past, fed = cache.lengths[0], inputs.shape[0]
-        if cache.trace is not None:
-            for index in range(count):
-                position = past if index == 0 else past + fed + index - 1
-                cache.trace.record(cache.model, 0, end, fed if index == 0 else 1, position, 1,
-                                   cache.capacity if cache.static else None)
-        if not cache.static:
-            return self._eager_chain(inputs, cache, end, count)
-        positions = torch.arange(past, past + fed, device=self.device, dtype=torch.long)
-        function = self._compiled_chain if ("chain", end, fed, count) in self._warmed else self._static_chain
-        states, ids = self._guarded(function, inputs, positions, cache, end, count)
-        cache.advance(0, end, fed + count - 1)  # the last draft is not fed back: the verifier feeds it
-        return states, ids
+        (n,), each next one on the previous pass's argmax, chosen on the device (no host read). Returns the
+        states of each pass's last position (1, count, d) and the drafted ids (count,). The last draft is not
+        fed back: the verifier feeds it."""
+        states, ids = [], []
+        for _ in range(count):
+            hidden, logits = self.run(inputs, cache, 0, end, head=1)
+            states.append(hidden[:, -1:])
+            inputs = logits.argmax(dim=-1)
+            ids.append(inputs)
+        return torch.cat(states, dim=1), torch.cat(ids)
 
-    def warm(self, role: str, shapes: list[tuple]) -> None:
-        """Compile every shape a cell will run on the cache of `role`, before it is timed, timing the
-        compilation apart (the cache's contents are dropped: each generation resets it). A shape is
-        ("pass", start, end, positions, head) or ("chain", end, positions fed first, count). Only shapes
-        compiled here run compiled; any other (prefill, the last steps before the token budget) runs the same
-        function eagerly, so nothing is ever compiled inside a timed generation."""
+    def static_layers(self, hidden: torch.Tensor, positions: torch.Tensor, slots: list[LayerSlot], start: int,
+                      end: int) -> torch.Tensor:
+        """Layers [start, end) on states (rows, n, d) at `positions` (rows, n), against static `slots`: per stage,
+        the mask and rotary tables once, then each layer through the one graph of shape (rows, n) when warmed."""
+        rows, count = positions.shape
+        inputs, step = self._unit("inputs", rows, count), self._unit("layer", rows, count)
+        for first, last, device in self._spans(start, end):
+            hidden = self._move(hidden, first, device)
+            here = positions.to(device)  # the cache writes at these positions, on its layers' device
+            mask, cos, sin = inputs(self._rotary[device], hidden, here, self.capacity)
+            for index in range(first, last):
+                hidden = step(self.layers[index], hidden, slots[index], here, mask, cos, sin, self.cache_keyword)
+        return hidden
+
+    def static_head(self, hidden: torch.Tensor, end: int) -> torch.Tensor:
+        """The head after layer `end` - 1 on states (rows, n, d) -> (rows, n, vocab) float32 logits, compiled per
+        (rows, n) when warmed."""
+        hidden = self._move(hidden, end, self.head_device)  # an early exit's too: the head lies where it lies
+        # (The last rows of a longer pass are a view with other strides; the graph was compiled for dense ones.)
+        dense = hidden.clone(memory_format=torch.contiguous_format)
+        return self._unit("head", *hidden.shape[:2])(self.norm, self.lm_head, dense)
+
+    def _unit(self, unit: str, rows: int, count: int):
+        """The compiled unit for this shape when warmed, else the plain function (the same code, eagerly)."""
+        if (unit, rows, count) not in self._warmed:
+            return COMPILED_UNITS[unit]
+        compiled = self._compiled[unit]
+
+        def call(*args):
+            # Every compiled shape was warmed: dynamo need only tell its compiled shapes apart, not check that
+            # nothing else changed (the engine's tensors keep their shapes and dtypes for the whole run); and a
+            # compilation inside a timed generation would be a bug, so it is an error rather than a slow step.
+            with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
+                return compiled(*args)
+
+        return call
+
+    def warm(self, shapes: set[tuple[str, int, int]]) -> None:
+        """Compile every (unit, rows, positions) a cell will run, before it is timed, timing the compilation
+        apart: units "layers" (the pass inputs and one decoder layer) and "head". A layer's graph is compiled on
+        the first layer of each device and serves all of them. Only shapes compiled here run compiled; any other
+        (prefill, the last steps before the token budget) runs the same functions eagerly, so nothing is ever
+        compiled inside a timed generation."""
         if not self.compiled:
             return
-        cache = self.new_cache(self.capacity, None, role)
+        width = self.config.hidden_size
         with torch.inference_mode(), torch._dynamo.config.patch(**WARM_UP_LIMITS):
-            for shape in shapes:
-                if shape in self._warmed:
+            for unit, rows, count in sorted(shapes):
+                if (unit, rows, count) in self._warmed:
                     continue
-                kind, *sizes = shape
                 began = time.perf_counter()
-                fed = sizes[1] if kind == "chain" else sizes[2]
-                positions = torch.arange(fed, device=self.device, dtype=torch.long)
-                for _ in range(3):  # CUDA graph trees record a shape on a later call than the first
-                    if kind == "chain":
-                        end, fed, count = sizes
-                        self._compiled_chain(self._zeros(0, fed), positions, cache, end, count)
-                    else:
-                        start, end, fed, head = sizes
-                        self._compiled_pass(self._zeros(start, fed), positions, cache, start, end, head)
+                if unit == "head":
+                    hidden = torch.zeros(rows, count, width, dtype=self.dtype, device=self.head_device)
+                    self._compiled["head"](self.norm, self.lm_head, hidden)
+                    self._warmed.add(("head", rows, count))
+                else:
+                    slots = self.new_slots(rows, "warm-up")
+                    for first, _, device in self._spans(0, self.num_layers):
+                        hidden = torch.zeros(rows, count, width, dtype=self.dtype, device=device)
+                        positions = torch.arange(count, device=device)[None].expand(rows, count).contiguous()
+                        mask, cos, sin = self._compiled["inputs"](self._rotary[device], hidden, positions,
+                                                                   self.capacity)
+                        self._compiled["layer"](self.layers[first], hidden, slots[first], positions, mask, cos,
+                                                sin, self.cache_keyword)
+                    self._warmed.update({("inputs", rows, count), ("layer", rows, count)})
+                    del self._slots["warm-up", rows]
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 self.compile_seconds += time.perf_counter() - began
-                self._warmed.add(shape)
-
-    def _zeros(self, start: int, count: int) -> torch.Tensor:
-        """Inputs of the right kind for a pass starting at layer `start`: ids, or hidden states."""
-        if start == 0:
-            return torch.zeros(count, dtype=torch.long, device=self.device)
-        return torch.zeros(1, count, self.config.hidden_size, dtype=self.dtype, device=self.input_device(start))
 
     def input_device(self, start: int) -> torch.device:
         """Where the hidden state entering layer `start` lies: on the device of the layer before it (the
@@ -353,63 +417,6 @@ class DecoderStack:
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (n,), wherever they were chosen (the head's device), through the embedding."""
         return self.embed_tokens(ids.to(self.embed_device)[None])
-
-    def _pass(self, shape: tuple, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
-        function = self._compiled_pass if ("pass", *shape) in self._warmed else self._static_pass
-        return self._guarded(function, *args)
-
-    def _guarded(self, function, *args):
-        if function in (self._static_pass, self._static_chain):
-            return function(*args)
-        # Every compiled shape was warmed: dynamo need only tell its compiled shapes apart, not check that
-        # nothing else changed (the engine's tensors keep their shapes and dtypes for the whole run); and a
-        # compilation inside a timed generation would be a bug, so it is an error rather than a slow step.
-        with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
-            result = function(*args)
-        if self.device.type == "cuda":
-            # A CUDA graph's outputs live in memory its next replay reuses: keep what outlives the call.
-            result = tuple(None if part is None else part.clone() for part in result)
-        return result
-
-    def _static_chain(self, inputs: torch.Tensor, positions: torch.Tensor, cache: KVCache, end: int,
-                      count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole greedy draft phase against a static cache: what torch.compile compiles per (end, count)."""
-        states, ids = [], []
-        for _ in range(count):
-            hidden, logits = self._static_pass(inputs, positions, cache, 0, end, 1)
-            states.append(hidden[:, -1:])
-            inputs = logits.argmax(dim=-1)
-            ids.append(inputs)
-            positions = positions[-1:] + 1
-        return torch.cat(states, dim=1), torch.cat(ids)
-
-    def _eager_chain(self, inputs: torch.Tensor, cache: KVCache, end: int,
-                     count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same draft phase on an eager cache, whose lengths move as each pass writes."""
-        states, ids = [], []
-        for _ in range(count):
-            fed = inputs.shape[0]
-            hidden = self._layers(self._embed(inputs), cache, 0, end, cache.lengths[0], fed)
-            cache.advance(0, end, fed)
-            states.append(hidden[:, -1:])
-            inputs = self._head(hidden[:, -1:], end).argmax(dim=-1)
-            ids.append(inputs)
-        return torch.cat(states, dim=1), torch.cat(ids)
-
-    def _static_pass(self, inputs: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int, end: int,
-                     head: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One whole pass against a static cache (embedding, layers [start, end), head): what torch.compile
-        compiles, so a decode step is one compiled call."""
-        hidden = self._embed(inputs) if start == 0 else inputs
-        for first, last, device in self._spans(start, end):
-            hidden = self._move(hidden, first, device)
-            here = positions.to(device)  # the cache writes at these positions, on its layers' device
-            cache.positions = here
-            position_embeddings = self._rotary[device](hidden, here[None])
-            mask = static_mask(here, cache.capacity, hidden.dtype)
-            hidden = run_layers(self.layers[first:last], hidden, mask=mask, positions=here[None],
-                                position_embeddings=position_embeddings, cache=cache, keyword=self.cache_keyword)
-        return hidden, self._head(hidden[:, hidden.shape[1] - head :], end) if head else None
 
     def _layers(self, hidden: torch.Tensor, cache: KVCache, start: int, end: int, past: int,
                 count: int) -> torch.Tensor:

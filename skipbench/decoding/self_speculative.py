@@ -35,7 +35,7 @@ class SelfSpeculative(Autoregressive):
     def draft(self, last: torch.Tensor, count: int, sampler: Sampler,
               threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         stack = self.stack
-        if not sampler.sample and not threshold:  # greedy: the whole draft phase is one call (one compiled graph)
+        if not sampler.sample and not threshold:  # greedy: each draft is the argmax of the last, on the device
             states, drafts = stack.chain(last, self.cache, self.exit_layer, count)
             self.exit_states = [states]
             return drafts, None
@@ -76,13 +76,10 @@ class SelfSpeculative(Autoregressive):
                                      kept_head_positions=used, step=trace.step))
         self.shadow_rows = (0, 0)
 
-    def shapes(self, k: int, sample: bool = False) -> list[tuple[DecoderStack, str, list[tuple]]]:
-        # The greedy draft phase (or one draft pass when sampling), the verify pass over the last draft's low
-        # layers, and the verify block.
-        exit_layer, top = self.exit_layer, self.stack.num_layers
-        draft = ("pass", 0, exit_layer, 1, 1) if sample else ("chain", exit_layer, 1, k)
-        verify = [("pass", 0, exit_layer, 1, 0), ("pass", exit_layer, top, k + 1, k + 1)]
-        return [(self.stack, self.model, [draft, *verify])]
+    def shapes(self, k: int, rows: int = 1) -> list[tuple[DecoderStack, set[tuple[str, int, int]]]]:
+        # Draft passes and the verify pass over the last draft's low layers (one position each, the exit head on
+        # drafts), and the verify block: the same shapes at every exit.
+        return [(self.stack, {("layers", rows, 1), ("head", rows, 1), ("layers", rows, k + 1), ("head", rows, k + 1)})]
 
     def verify(self, last: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         stack = self.stack

@@ -30,7 +30,7 @@ class TwoModel:
         last = last.to(stack.device)  # (models spread over devices: the target's head and the draft's embedding)
         feed = torch.cat([stack.ids(missing), last]) if missing else last
         home = self.target.stack.head_device  # where the target verifies the drafts
-        if not sampler.sample and not threshold:  # greedy: the whole draft phase is one call (one compiled graph)
+        if not sampler.sample and not threshold:  # greedy: each draft is the argmax of the last, on the device
             return stack.chain(feed, cache, stack.num_layers, count)[1].to(home), None
         drafts, probs = [], []
         for _ in range(count):
@@ -43,14 +43,10 @@ class TwoModel:
                 break  # transformers' ConfidenceCriteria: the unsure draft is still proposed
         return torch.cat(drafts).to(home), torch.cat(probs).to(home) if sampler.sample else None
 
-    def shapes(self, k: int, sample: bool = False) -> list[tuple[DecoderStack, str, list[tuple]]]:
+    def shapes(self, k: int, rows: int = 1) -> list[tuple[DecoderStack, set[tuple[str, int, int]]]]:
         # The draft's first pass also feeds the target's last draft when every draft was kept: 2 positions.
-        layers = self.drafter.stack.num_layers
-        if sample:
-            shapes = [("pass", 0, layers, 1, 1), ("pass", 0, layers, 2, 1)]
-        else:
-            shapes = [("chain", layers, 1, k), ("chain", layers, 2, k)]
-        return [*self.target.shapes(k), (self.drafter.stack, "draft", shapes)]
+        return [*self.target.shapes(k, rows), (self.drafter.stack, {("layers", rows, 1), ("layers", rows, 2),
+                                                                    ("head", rows, 1)})]
 
     def verify(self, last: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         return self.target.verify(last, drafts)
