@@ -4,7 +4,8 @@ summary for a job page (GitHub's ``$GITHUB_STEP_SUMMARY``, a GitLab job artifact
 
 A cell that regressed is a ``<failure>``: its message names each figure that failed with both runs' values and
 intervals and the tolerance (the reasons `compare` gives), e.g. ``speedup 1.52x [1.47, 1.58] -> 1.17x [1.13,
-1.21]: slower beyond the intervals and the 5% tolerance``. A base cell missing from the new run is a failure
+1.21]: slower beyond the intervals and the 5% tolerance`` or ``TTFT p99 20.1 ms [19.9, 20.2] -> 30.2 ms [29.9,
+30.3] (1.50x): higher beyond the intervals and the 10% tolerance``. A base cell missing from the new run is a failure
 too (unless ``--allow-missing``, then skipped); a cell only in the new run is skipped.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from skipbench.compare import Comparison
+from skipbench.compare import Comparison, latency_text
 from skipbench.tables import number, with_interval
 
 
@@ -20,6 +21,8 @@ def _tolerances(comparison: Comparison) -> str:
     settings = comparison.settings
     return (f"max slowdown {settings.get('max_slowdown', 0):.0%} beyond the intervals; max acceptance drop "
             f"{settings.get('max_acceptance_drop', 0)}; max quality drop {settings.get('max_quality_drop', 0)}"
+            + (f"; max latency increase {settings['max_latency_increase']:.0%} beyond the intervals (TTFT, TPOT, "
+               f"ITL, E2E at p50/p90/p99)" if settings.get("max_latency_increase") is not None else "")
             + ("; counts and tokens exact (CPU float32 greedy)" if comparison.deterministic else ""))
 
 
@@ -51,7 +54,8 @@ def junit(comparison: Comparison, name: str = "skipbench compare") -> str:
         if row in failed:
             message = f"{row['cell']}: {reason} (tolerance: {_tolerances(comparison)})"
             failure = ET.SubElement(case, "failure", message=message, type="regression")
-            failure.text = message + "\n" + _speedups(row)
+            failure.text = message + "\n" + _speedups(row) + (f"\nlatency: largest new/base {latency_text(row)}"
+                                                             if row.get("latency_worst") else "")
         elif row in skipped:
             ET.SubElement(case, "skipped", message=f"{row['cell']}: {row['verdict']} ({reason})")
         else:
@@ -74,8 +78,10 @@ def markdown(comparison: Comparison) -> str:
     lines += [f"- environment differs: {label} `{base}` → `{new}`" for label, base, new in comparison.environment]
     if comparison.environment:
         lines.append("")
-    lines += ["| cell | speedup base → new | new/base ratio | acceptance | lossless | verdict |",
-              "|---|---:|---:|---:|---:|---|"]
+    gated = comparison.settings.get("max_latency_increase") is not None
+    lines += ["| cell | speedup base → new | new/base ratio | acceptance | lossless | "
+              + ("latency new/base (largest) | " if gated else "") + "verdict |",
+              "|---|---:|---:|---:|---:|" + ("---:|" if gated else "") + "---|"]
     for row in comparison.rows.to_dict("records"):
         get = row.get
         verdict = f"**{row['verdict']}**" if row["verdict"] in ("FAIL", "missing in new") else row["verdict"]
@@ -83,7 +89,8 @@ def markdown(comparison: Comparison) -> str:
             row["cell"], _speedups(row).removeprefix("speedup "),
             with_interval(get("speedup_ratio"), get("speedup_ratio_low"), get("speedup_ratio_high"), "{:.3f}"),
             f"{number(get('base_acceptance_rate'))} → {number(get('new_acceptance_rate'))}",
-            f"{number(get('base_lossless'), '{:.0%}')} → {number(get('new_lossless'), '{:.0%}')}", verdict)) + " |")
+            f"{number(get('base_lossless'), '{:.0%}')} → {number(get('new_lossless'), '{:.0%}')}",
+            *((latency_text(row),) if gated else ()), verdict)) + " |")
     covered, total = comparison.coverage
     lines += ["", f"Rerun check: {covered}/{total} new/base ratio intervals hold 1.00 (about 95% when nothing "
                   "changed)."]

@@ -18,6 +18,7 @@ import pandas as pd
 from skipbench import intervals
 from skipbench.decoding.record import COUNTS
 from skipbench.errors import UserError
+from skipbench.latency import MEASURES, PERCENTILES
 from skipbench.pairing import first_difference, first_rows, rounds_of, units
 from skipbench.spec import Cell, baseline_of
 from skipbench.store import RunStore
@@ -184,7 +185,7 @@ def _count_mismatches(base: pd.DataFrame, new: pd.DataFrame) -> list[str]:
 
 def compare_runs(base_dir: Path | str, new_dir: Path | str, *, max_slowdown: float = 0.05,
                  max_acceptance_drop: float = 0.02, max_quality_drop: float = 0.01,
-                 allow_missing: bool = False) -> Comparison:
+                 allow_missing: bool = False, max_latency_increase: float | None = None) -> Comparison:
     """Compare a new run against a base run, cell by cell; ``.ok`` is False on any regression.
 
     * Speed: each run's speedup over its own baseline (paired by prompt and round), never seconds across
@@ -195,12 +196,17 @@ def compare_runs(base_dir: Path | str, new_dir: Path | str, *, max_slowdown: flo
       tokens; otherwise the acceptance rate may drop by at most ``max_acceptance_drop``.
     * Losslessness (greedy) may not drop in a deterministic run; quality (each ``quality_*``) may not drop
       by more than ``max_quality_drop`` on average.
+    * Latency (``max_latency_increase``; None: not judged): each percentile both runs have (TTFT, TPOT, ITL,
+      E2E at p50/p90/p99, `latency.latency_columns`) fails when the new 95% interval lies wholly above the
+      base's, raised by the tolerance, as speed is judged. These are seconds, not ratios to a run's own
+      baseline, so they only mean something between runs on the same machine: off unless asked for.
     * A base cell missing from (or failed in) the new run is a problem unless ``allow_missing``.
     """
     base, new = _Run(base_dir, "base"), _Run(new_dir, "new")
     check_comparable(base.manifest, new.manifest)
     deterministic = is_deterministic(base.manifest) and is_deterministic(new.manifest)
     problems, notes, rows = [], [], []
+    unjudged: dict[str, list[str]] = {}  # why latency was not judged -> the cells
     if not deterministic:
         notes.append("counts compared with tolerances: the runs are not both greedy float32 on a CPU")
     order = [Cell.from_record(c).identity() for c in base.manifest.get("cells") or []]
@@ -224,13 +230,24 @@ def compare_runs(base_dir: Path | str, new_dir: Path | str, *, max_slowdown: flo
         row |= _figures(b, n)
         failures, remarks = _judge(base, new, identity, b, n, row, deterministic, max_slowdown=max_slowdown,
                                    max_acceptance_drop=max_acceptance_drop, max_quality_drop=max_quality_drop)
+        if max_latency_increase is not None:
+            slower, why = latency_changes(b, n, row, max_latency_increase)
+            failures += slower
+            if why:
+                unjudged.setdefault(why, []).append(label)
         row["verdict"] = "FAIL" if failures else ("faster" if any("faster" in r for r in remarks) else
                                                   "not judged" if remarks else "ok")
         row["reason"] = "; ".join(failures + remarks)
         problems += [f"{label}: {failure}" for failure in failures]
         rows.append(row)
+    notes += [f"latency not compared in {len(cells)} cell(s) ({', '.join(cells[:3])}"
+              f"{f', +{len(cells) - 3} more' if len(cells) > 3 else ''}): {why}" for why, cells in unjudged.items()]
+    if max_latency_increase is not None and {label for label, _, _ in environment_differences(
+            base.manifest, new.manifest)} & {"device", "threads", "torch"}:
+        notes.append("latencies are seconds and the runs' device, threads or torch differ: a latency change may be "
+                     "the machine's, not the code's")
     settings = dict(max_slowdown=max_slowdown, max_acceptance_drop=max_acceptance_drop,
-                    max_quality_drop=max_quality_drop)
+                    max_quality_drop=max_quality_drop, max_latency_increase=max_latency_increase)
     return Comparison(Path(base_dir), Path(new_dir), pd.DataFrame(rows), problems, notes, deterministic, settings,
                       environment_differences(base.manifest, new.manifest))
 
@@ -286,6 +303,47 @@ def _judge(base: _Run, new: _Run, identity: tuple, b: dict, n: dict, row: dict, 
     return failures, remarks
 
 
+def _seconds(row: dict, key: str) -> tuple[float, float, float] | None:
+    """(estimate, low, high) of a latency column, or None where the row has no such figure."""
+    values = [row.get(key + suffix) for suffix in ("", "_low", "_high")]
+    if any(value is None or not np.isfinite(float(value)) for value in values):
+        return None
+    return tuple(float(value) for value in values)
+
+
+def _ms(point: float, low: float, high: float) -> str:
+    """`20.1 ms [19.9, 20.3]`."""
+    return f"{point * 1000:.1f} ms [{low * 1000:.1f}, {high * 1000:.1f}]"
+
+
+def latency_changes(b: dict, n: dict, row: dict, max_increase: float) -> tuple[list[str], str]:
+    """Judge every latency percentile both summary rows have: a failure per percentile whose new interval lies
+    wholly above the base interval raised by ``max_increase``. Puts the percentile with the largest new/base
+    ratio in ``row`` (``latency_worst`` e.g. "TTFT p99", ``latency_ratio``, ``latency_base_s``/``latency_new_s``
+    with ``_low``/``_high``) and ``latency_failures``. Returns (failures, why the cell was not judged, or "")."""
+    if _seconds(b, "ttft_p50_s") is None or _seconds(n, "ttft_p50_s") is None:
+        return [], "a run has no latency columns (recorded before skipbench kept per-token times)"
+    if min(b.get("rows") or 0, n.get("rows") or 0) < intervals.MIN_UNITS:
+        return [], f"fewer than {intervals.MIN_UNITS} requests, too few to judge by their intervals"
+    failures, worst = [], {}
+    for measure in MEASURES:
+        for q in PERCENTILES:
+            base, new = _seconds(b, f"{measure}_p{q}_s"), _seconds(n, f"{measure}_p{q}_s")
+            if base is None or new is None or base[0] <= 0:  # a burst's gaps are 0: no ratio
+                continue
+            name, ratio = f"{measure.upper()} p{q}", new[0] / base[0]
+            if not ratio <= worst.get("latency_ratio", -np.inf):
+                worst = {"latency_worst": name, "latency_ratio": ratio}
+                for run, values in (("base", base), ("new", new)):
+                    worst |= dict(zip((f"latency_{run}_s", f"latency_{run}_s_low", f"latency_{run}_s_high"), values,
+                                      strict=True))
+            if new[1] > base[2] * (1 + max_increase):
+                failures.append(f"{name} {_ms(*base)} -> {_ms(*new)} ({ratio:.2f}x): higher beyond the intervals "
+                                f"and the {max_increase:.0%} tolerance")
+    row |= worst | {"latency_failures": len(failures)}
+    return failures, ""
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -299,6 +357,36 @@ def environment_text(comparison: Comparison) -> str:
 def changed(base: str, new: str) -> str:
     """`0.80` when both runs agree, `0.80->0.75` when not."""
     return new if base == new else f"{base}->{new}"
+
+
+def latency_text(row: dict) -> str:
+    """`1.50x TTFT p99`: a cell's largest new/base latency ratio and which percentile it is; "-" when not judged."""
+    worst = row.get("latency_worst")
+    return f"{row['latency_ratio']:.2f}x {worst}" if isinstance(worst, str) else "-"
+
+
+def latency_table(comparison: Comparison, escape):
+    """Per judged cell, the latency percentile that rose most (new/base; red when some percentile failed) and both
+    runs' values with intervals; None when no cell was judged (gate off, or runs without latency columns)."""
+    from rich.table import Table
+
+    rows = [row for row in comparison.rows.to_dict("records") if isinstance(row.get("latency_worst"), str)]
+    if not rows:
+        return None
+    table = Table(title=f"latency: the percentile that rose most (a percentile fails when its new interval lies "
+                        f"above the base interval raised by {comparison.settings['max_latency_increase']:.0%})",
+                  title_justify="left", pad_edge=False)
+    for name in ("cell", "rose most", "base ms", "new ms", "new/base"):
+        table.add_column(name, justify="left" if name in ("cell", "rose most") else "right",
+                         no_wrap=name != "cell", overflow="fold")
+    colors = {True: "red", False: "green"}
+    for row in rows:
+        base, new = ([1000 * row[f"latency_{run}_s{end}"] for end in ("", "_low", "_high")] for run in ("base", "new"))
+        pattern = "{:.1f}" if max(base + new) < 100 else "{:.0f}"
+        table.add_row(escape(str(row.get("short") or row["cell"])), row["latency_worst"],
+                      with_interval(*base, pattern), with_interval(*new, pattern),
+                      f"[{colors[bool(row['latency_failures'])]}]{row['latency_ratio']:.2f}x[/]")
+    return table
 
 
 def format_comparison(comparison: Comparison):
@@ -342,7 +430,8 @@ def format_comparison(comparison: Comparison):
     caption += [f"d{index + 1}: draft model {escape(name)}" for index, name in enumerate(drafts)]
     table.caption = "\n".join(caption + [f"note: {escape(note)}" for note in comparison.notes])
     table.caption_justify = "left"
-    return Group(Text(environment_text(comparison)), table)
+    latency = latency_table(comparison, escape)
+    return Group(Text(environment_text(comparison)), table, *([latency] if latency is not None else []))
 
 
 def comparison_text(comparison: Comparison, width: int = 160) -> str:

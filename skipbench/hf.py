@@ -8,7 +8,8 @@ them once after `generate()` returns, so counting adds no host sync to the rows 
 
 The same emission rule as the native loop (`Generation.emit`) cuts the output at EOS or a stop
 sequence, and a stopping criterion with the native stop rule ends `generate()` at the same step, so
-both backends decode the same workload.
+both backends decode the same workload. A streamer times each new token as the native loop does (one time per
+step autoregressively, one per round, a burst, in assisted generation), so TTFT, TPOT and ITL mean the same.
 """
 
 from __future__ import annotations
@@ -30,17 +31,21 @@ from skipbench.decoding.record import Generation, Pass, Step
 from skipbench.decoding.sampling import Sampler
 
 
-class _FirstTokenClock(BaseStreamer):
-    """generate() streams the prompt first, then new tokens: the second call marks the first token."""
+class _TokenClock(BaseStreamer):
+    """Each new token's time since `began`, as the native loop records it (`Generation.token_times`).
+
+    generate() streams the prompt first (skipped), then each step's new tokens: one token a step when decoding
+    autoregressively, a round's kept drafts and its own token at once in assisted generation (a burst: one time
+    for all of them). The device is synchronised first, so a time is when the token was known on the host."""
 
     def __init__(self, device: torch.device, began: float):
-        self.device, self.began, self.calls, self.first_token_s = device, began, 0, 0.0
+        self.device, self.began, self.calls, self.times = device, began, 0, []
 
     def put(self, value) -> None:
         self.calls += 1
-        if self.calls == 2:
+        if self.calls > 1:
             synchronize(self.device)
-            self.first_token_s = time.perf_counter() - self.began
+            self.times += [time.perf_counter() - self.began] * int(value.numel())
 
     def end(self) -> None:
         pass
@@ -230,7 +235,7 @@ def generate_hf(target: PreTrainedModel, prompt: list[int], *, max_new_tokens: i
             assistant.generation_config = assistant_config
         synchronize(device)
         began = time.perf_counter()
-        clock = _FirstTokenClock(device, began)
+        clock = _TokenClock(device, began)
         with torch.inference_mode():
             output = target.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                                      generation_config=config, streamer=clock, **extra)
@@ -249,8 +254,10 @@ def generate_hf(target: PreTrainedModel, prompt: list[int], *, max_new_tokens: i
                                         len(prompt) + max_new_tokens)
     else:
         passes = watcher.passes(layer_counts, exit_layer)
-    record = Generation(prompt_tokens=len(prompt), time_s=elapsed, prefill_s=clock.first_token_s, passes=passes)
+    record = Generation(prompt_tokens=len(prompt), time_s=elapsed, prefill_s=(clock.times or [0.0])[0],
+                        passes=passes)
     _replay(record, sequence, _steps(passes, len(prompt), len(sequence)), set(eos_ids), stop)
+    record.token_times = clock.times[: record.new_tokens]  # the emitted tokens lead the streamed ones (EOS cut)
     return record
 
 

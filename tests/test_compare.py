@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from skipbench.ci_reports import junit, markdown
+from skipbench.cli import app
 from skipbench.compare import CompareError, Comparison, compare_runs, comparison_text, format_comparison
 from skipbench.spec import Cell, Setup, with_baseline
 from skipbench.store import RunStore
@@ -38,11 +42,32 @@ def copy_run(run, tmp_path, name="new", steady=False):
     if not steady:
         return target
     rng = np.random.default_rng(0)
-    for path in (target / "cells").glob("*.parquet"):
+    for path in sorted((target / "cells").glob("*.parquet")):
         frame = pd.read_parquet(path)
         frame["time_s"] = 0.01 * frame["verify_steps"] * rng.uniform(0.99, 1.01, len(frame))
+        steady_latency(frame, rng)
         frame.to_parquet(path, index=False)
     return target
+
+
+def steady_latency(frame, rng) -> None:
+    """Latency columns of known spread: a first token after ~20 ms, then one every ~10 ms (1% noise each)."""
+    first = 0.02 * rng.uniform(0.99, 1.01, len(frame))
+    gap = 0.01 * rng.uniform(0.99, 1.01, len(frame))
+    times = [[t + g * i for i in range(int(n))] for t, g, n in zip(first, gap, frame["new_tokens"], strict=True)]
+    frame["ttft_s"], frame["token_times"] = first, times
+    frame["e2e_s"] = [row[-1] if row else t for row, t in zip(times, first, strict=True)]
+
+
+def later_first_token(factor):
+    """A cell edit: every request's first token (and so every later one) comes `factor` times later."""
+    def change(frame):
+        shift = frame["ttft_s"] * (factor - 1)
+        frame["token_times"] = [[t + s for t in row] for row, s in zip(frame["token_times"], shift, strict=True)]
+        frame["ttft_s"] += shift
+        frame["e2e_s"] += shift
+
+    return change
 
 
 def cell_file(root, label):
@@ -261,3 +286,89 @@ def test_the_rerun_check_counts_ratio_intervals_that_hold_one():
     comparison = Comparison(Path("a"), Path("b"), rows)
     # [0.9, 1.1] holds 1; [1.05, 1.2] and [0.7, 0.95] do not; no interval and a zero-width one are not counted.
     assert comparison.coverage == (1, 3)
+
+
+# --------------------------------------------------------------------------- latency percentiles
+
+
+def test_a_later_first_token_fails_the_latency_gate_naming_the_percentile(run, tmp_path) -> None:
+    base, new = copy_run(run, tmp_path, "base", steady=True), copy_run(run, tmp_path, steady=True)
+    edit_cell(new, FAST, later_first_token(1.5))
+    assert compare_runs(base, new).ok  # off unless asked for: seconds from two machines are not comparable
+    result = compare_runs(base, new, max_latency_increase=0.10)
+    assert not result.ok and all(problem.startswith(f"{FAST}: ") for problem in result.problems)
+    assert any("TTFT p50" in problem for problem in result.problems)
+    assert not any("TPOT" in problem or "ITL" in problem for problem in result.problems)  # gaps unchanged
+    message = next(problem for problem in result.problems if "TTFT p99" in problem)
+    assert "ms [" in message and "(1.50x)" in message and "the 10% tolerance" in message
+    row = result.rows.set_index("cell").loc[FAST]
+    assert row["verdict"] == "FAIL" and row["latency_worst"].startswith("TTFT")
+    assert row["latency_ratio"] == pytest.approx(1.5, rel=0.02)
+    text = comparison_text(result, width=80)
+    assert max(len(line) for line in text.splitlines() if line.startswith(("│", "┃"))) <= 80
+    shown = next(line for line in text.splitlines() if line.startswith("│self E=2 K=4") and "TTFT p" in line)
+    assert shown.rstrip("│ ").endswith("1.50x") and "rose most" in text and "raised by 10%" in text
+    # The CI reports: the JUnit failure and the Markdown table name the percentile.
+    failure = ET.fromstring(junit(result)).find("testcase[@name='self_speculative E=2 K=4']/failure")
+    assert "TTFT p50" in failure.get("message") and "max latency increase 10%" in failure.get("message")
+    summary = markdown(result)
+    assert "latency new/base (largest)" in summary and "1.50x TTFT p" in summary and "**FAIL**" in summary
+    assert "max latency increase" not in markdown(compare_runs(base, new))  # off: the reports are as before
+    # Other cells kept their latency: judged and passed.
+    others = result.rows[result.rows["cell"] != FAST]
+    assert set(others["verdict"]) == {"ok"} and np.allclose(others["latency_ratio"], 1.0)
+    # A tolerance wider than the increase passes; the reverse (lower latency) never fails.
+    assert compare_runs(base, new, max_latency_increase=0.6).ok
+    assert compare_runs(new, base, max_latency_increase=0.0).ok
+
+
+def test_identical_and_noisy_latencies_pass_the_latency_gate(run, tmp_path) -> None:
+    base = copy_run(run, tmp_path, "base", steady=True)
+    same = compare_runs(base, copy_run(run, tmp_path, "same", steady=True), max_latency_increase=0.10)
+    assert same.ok and same.problems == [] and set(same.rows["verdict"]) == {"ok"}
+    assert np.allclose(same.rows["latency_ratio"], 1.0)
+    # Every request's times moved by up to 2% either way: noise, on every percentile.
+    noisy = copy_run(run, tmp_path, "noisy", steady=True)
+    rng = np.random.default_rng(2)
+    for path in (noisy / "cells").glob("*.parquet"):
+        frame = pd.read_parquet(path)
+        scale = rng.uniform(0.98, 1.02, len(frame))
+        frame["token_times"] = [[t * s for t in row] for row, s in zip(frame["token_times"], scale, strict=True)]
+        frame["ttft_s"] *= scale
+        frame["e2e_s"] *= scale
+        frame.to_parquet(path, index=False)
+    for tolerance in (0.10, 0.05):
+        result = compare_runs(base, noisy, max_latency_increase=tolerance)
+        assert result.ok, result.problems
+    assert ((result.rows["latency_ratio"] > 0.97) & (result.rows["latency_ratio"] < 1.05)).all()
+
+
+def test_runs_without_latency_columns_are_skipped_with_a_note(run, tmp_path) -> None:
+    old = copy_run(run, tmp_path, "old")
+    for path in (old / "cells").glob("*.parquet"):
+        frame = pd.read_parquet(path)
+        frame.drop(columns=["ttft_s", "e2e_s", "token_times"]).to_parquet(path, index=False)
+    result = compare_runs(old, run, max_latency_increase=0.10)
+    assert result.ok, result.problems
+    assert "latency_ratio" not in result.rows
+    notes = [note for note in result.notes if note.startswith("latency not compared")]
+    assert len(notes) == 1 and "3 cell(s)" in notes[0] and "no latency columns" in notes[0]
+    assert "rose most" not in comparison_text(result)  # no latency table when no cell was judged
+
+
+def test_the_compare_command_gates_latency_when_asked(run, tmp_path) -> None:
+    base, new = copy_run(run, tmp_path, "base", steady=True), copy_run(run, tmp_path, steady=True)
+    edit_cell(new, FAST, later_first_token(1.5))
+    runner = CliRunner()
+    assert runner.invoke(app, ["compare", str(base), str(new)]).exit_code == 0  # off by default
+    result = runner.invoke(app, ["compare", str(base), str(new), "--max-latency-increase", "10%"],
+                           env={"COLUMNS": "80"})
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "regression: self_speculative E=2 K=4: TTFT p50" in text and "10% tolerance" in text
+    assert runner.invoke(app, ["compare", str(base), str(new), "--max-latency-increase", "0.6"]).exit_code == 0
+    # A run from before the latency columns: a note, never a crash.
+    smoke = Path(__file__).parent.parent / "results" / "ci-smoke"
+    result = runner.invoke(app, ["compare", str(smoke), str(smoke), "--max-latency-increase", "10%"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "latency not compared in 20 cell(s)" in result.output, result.output

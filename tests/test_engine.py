@@ -11,6 +11,7 @@ from skipbench.decoding.sampling import Sampler
 from skipbench.decoding.self_speculative import SelfSpeculative
 from skipbench.decoding.speculative import TwoModel
 from skipbench.hf import generate_hf
+from skipbench.latency import gaps
 from skipbench.models import load_model
 
 PROMPT = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
@@ -268,3 +269,26 @@ def test_a_drafted_eos_ends_the_rounds_proposals_in_both_backends():
         assert steps_of(theirs) == steps_of(ours), eos
         exercised += any(step.drafted < k for step in ours.steps[:-1])
     assert exercised  # some round's drafts held an EOS before the round's last draft
+
+
+def test_hf_backend_records_when_each_token_was_emitted():
+    """generate_hf times its tokens as the native loop does: one time per new token autoregressively, one per
+    verify round for assisted generation (a round's tokens are a burst), within the generation's time."""
+    model = make_model("gqa")
+    common = dict(max_new_tokens=NEW, sampler=Sampler(), eos_ids=[], device=CPU)
+    plain = generate_hf(model, PROMPT, **common)
+    times = plain.token_times
+    assert len(times) == plain.new_tokens == NEW and len(set(times)) == NEW  # a step, a token, a time
+    assert 0 < times[0] == plain.prefill_s and times == sorted(times) and times[-1] <= plain.time_s
+    assert gaps(times) and min(gaps(times)) > 0  # ITL is measured now
+    same_weights = make_model("gqa")  # a draft that is always accepted
+    for options in (dict(exit_layer=3, num_speculations=3), dict(draft=same_weights, num_speculations=4)):
+        assisted = generate_hf(model, PROMPT, **common, **options)
+        times = assisted.token_times
+        assert len(times) == assisted.new_tokens == NEW and times == sorted(times) and times[-1] <= assisted.time_s
+        assert assisted.accepted > 0 and len(set(times)) == assisted.verify_steps < NEW  # bursts
+        bursts = [times.count(at) for at in dict.fromkeys(times)]
+        assert bursts == [step.accepted + 1 for step in assisted.steps], options
+    # Cut at EOS: the times cover the emitted tokens only.
+    cut = generate_hf(model, PROMPT, **(common | dict(eos_ids=[plain.tokens[7]])))
+    assert cut.new_tokens == len(cut.token_times) < NEW and cut.stop_reason == "eos"

@@ -23,6 +23,19 @@ def parse_fraction(text: str) -> float:
     return value
 
 
+def parse_increase(text: str) -> float | None:
+    """`10%` or `0.10` -> 0.10; `off` -> None (not judged). An increase may exceed 100%."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise spec.SpecError(f"cannot read {text!r} as an increase; use 10%, 0.10 or off") from None
+    if not 0 <= value < float("inf"):
+        raise spec.SpecError(f"{text!r} must be an increase of 0% or more (or off)")
+    return value
+
+
 def incomplete_cells(frame, prompts: int | None, run_dir: Path) -> list[str]:
     """A line per cell that lacks some prompt's rows: the tables leave it out, so say so and how to finish it."""
     if frame.empty or not prompts:
@@ -83,6 +96,9 @@ def compare(
                                               "this much (absolute)."),
     max_quality_drop: float = typer.Option(0.01, "--max-quality-drop", help="A task score may fall this much "
                                            "(absolute)."),
+    max_latency_increase: str = typer.Option(
+        "off", "--max-latency-increase", help="A TTFT, TPOT, ITL or E2E percentile may rise this much beyond the "
+        "runs' intervals (10% or 0.10); off by default: latencies are seconds, so compare runs of one machine."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="A base cell missing in the new run is a note."),
     junit: Path = typer.Option(None, "--junit", help="Also write a JUnit XML report (a test case per cell)."),
     markdown: Path = typer.Option(None, "--markdown", help="Also append a Markdown summary ($GITHUB_STEP_SUMMARY)."),
@@ -95,9 +111,10 @@ def compare(
             if path is not None and (path.is_dir() or not path.parent.is_dir()):
                 raise UserError(f"{option} {path}: " + ("is a folder, give a file name" if path.is_dir()
                                                          else f"the folder {path.parent} does not exist"))
+        latency = parse_increase(max_latency_increase)
         comparison = compare_runs(base_dir, new_dir, max_slowdown=parse_fraction(max_slowdown),
                                   max_acceptance_drop=max_acceptance_drop, max_quality_drop=max_quality_drop,
-                                  allow_missing=allow_missing)
+                                  allow_missing=allow_missing, max_latency_increase=latency)
         if junit is not None or markdown is not None:
             from skipbench import ci_reports
 
