@@ -19,6 +19,7 @@ Two ways to run a span:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 
@@ -326,12 +327,13 @@ class DecoderStack:
         the mask and rotary tables once, then each layer through the one graph of shape (rows, n) when warmed."""
         rows, count = positions.shape
         inputs, step = self._unit("inputs", rows, count), self._unit("layer", rows, count)
-        for first, last, device in self._spans(start, end):
-            hidden = self._move(hidden, first, device)
-            here = positions.to(device)  # the cache writes at these positions, on its layers' device
-            mask, cos, sin = inputs(self._rotary[device], hidden, here, self.capacity)
-            for index in range(first, last):
-                hidden = step(self.layers[index], hidden, slots[index], here, mask, cos, sin, self.cache_keyword)
+        with self._stance(step):
+            for first, last, device in self._spans(start, end):
+                hidden = self._move(hidden, first, device)
+                here = positions.to(device)  # the cache writes at these positions, on its layers' device
+                mask, cos, sin = inputs(self._rotary[device], hidden, here, self.capacity)
+                for index in range(first, last):
+                    hidden = step(self.layers[index], hidden, slots[index], here, mask, cos, sin, self.cache_keyword)
         return hidden
 
     def static_head(self, hidden: torch.Tensor, end: int) -> torch.Tensor:
@@ -340,22 +342,21 @@ class DecoderStack:
         hidden = self._move(hidden, end, self.head_device)  # an early exit's too: the head lies where it lies
         # (The last rows of a longer pass are a view with other strides; the graph was compiled for dense ones.)
         dense = hidden.clone(memory_format=torch.contiguous_format)
-        return self._unit("head", *hidden.shape[:2])(self.norm, self.lm_head, dense)
+        head = self._unit("head", *hidden.shape[:2])
+        with self._stance(head):
+            return head(self.norm, self.lm_head, dense)
 
     def _unit(self, unit: str, rows: int, count: int):
         """The compiled unit for this shape when warmed, else the plain function (the same code, eagerly)."""
-        if (unit, rows, count) not in self._warmed:
-            return COMPILED_UNITS[unit]
-        compiled = self._compiled[unit]
+        return self._compiled[unit] if (unit, rows, count) in self._warmed else COMPILED_UNITS[unit]
 
-        def call(*args):
-            # Every compiled shape was warmed: dynamo need only tell its compiled shapes apart, not check that
-            # nothing else changed (the engine's tensors keep their shapes and dtypes for the whole run); and a
-            # compilation inside a timed generation would be a bug, so it is an error rather than a slow step.
-            with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
-                return compiled(*args)
-
-        return call
+    def _stance(self, function) -> contextlib.AbstractContextManager:
+        """Around compiled calls: every compiled shape was warmed, so dynamo need only tell its compiled shapes apart,
+        not check that nothing else changed (the engine's tensors keep their shapes and dtypes for the whole run);
+        and a compilation inside a timed generation would be a bug, so it is an error rather than a slow step."""
+        if function in COMPILED_UNITS.values():
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True)
 
     def warm(self, shapes: set[tuple[str, int, int]]) -> None:
         """Compile every (unit, rows, positions) a cell will run, before it is timed, timing the compilation
