@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,9 +34,10 @@ def filler_prompt(tokens: int, seed: int = 0) -> str:
 
 
 def benchmark_cells(exits: list[int], speculations: list[int], draft: str | None, hf: bool,
-                    compiled: bool = True) -> list[Cell]:
+                    compiled: bool = True, batch_sizes: Sequence[int] = (1,)) -> list[Cell]:
     """skipbench's engine eager and compiled, and transformers' paths (eager, static cache compiled,
-    assistant_early_exit, assistant_model), all in one group: every ratio is paired by round."""
+    assistant_early_exit, assistant_model), all in one group: every ratio is paired by round; each at every
+    batch size."""
     cells = []
     for backend in ("native", "compiled") if compiled else ("native",):
         cells.append(Cell("autoregressive", backend=backend))
@@ -47,7 +49,7 @@ def benchmark_cells(exits: list[int], speculations: list[int], draft: str | None
         cells += [Cell("self_speculative", e, 4, backend="hf") for e in exits]
         if draft:
             cells.append(Cell("speculative", None, 4, draft, backend="hf"))
-    return cells
+    return [replace(cell, batch_size=size) for size in batch_sizes for cell in cells]
 
 
 def benchmark_setup(model: str, *, prompt_tokens: int = 512, new_tokens: int = 128, prompts: int = 3,
@@ -68,8 +70,7 @@ def run_benchmark(model: str, draft: str | None, exits: list[int], speculations:
     torch_device = resolve_device(device)
     setup = benchmark_setup(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, prompts=prompts,
                             repeats=repeats, dtype=dtype, device=device, threads=threads, device_map=device_map)
-    cells = [replace(cell, batch_size=size) for size in batch_sizes
-             for cell in benchmark_cells(exits, speculations, draft, hf, compiled)]
+    cells = benchmark_cells(exits, speculations, draft, hf, compiled, batch_sizes)
     store = execute(setup, cells, out_dir, progress=progress)
     peaks = measure_roofline(torch_device, resolve_dtype(dtype, torch_device))
     summary_frame, manifest = load_summary(out_dir)

@@ -133,3 +133,22 @@ def test_benchmark_dry_run_prints_its_cells_placement_memory_and_estimate_withou
     assert "placement (auto) of synthetic:tiny?agree=2:" in text and "memory per device" in text
     assert "fits: yes" in text and "estimated wall time" in text and "estimated compile time" in text
     assert not (tmp_path / "runs").exists()  # nothing measured, nothing written
+
+
+def test_the_dry_run_compile_estimate_counts_graphs_that_every_exit_shares(tmp_path, monkeypatch):
+    """Compiled graphs are per (rows, positions), not per exit: exits {1, 2, 3} cost the compile time of {1}, and a
+    batch size adds its own graphs."""
+    monkeypatch.chdir(tmp_path)
+
+    def compile_estimate(exits: str, batches: str = "1") -> str:
+        result = runner.invoke(app, ["benchmark", "--model", "synthetic:tiny?agree=2", "--draft-model", "",
+                                     "--exits", exits, "--speculations", "2,4", "--no-hf", "--dry-run",
+                                     "--batch-sizes", batches, "--prompts", "4", "--gpus", "1", "--peak-bandwidth",
+                                     "1e11", "--peak-flops", "1e12"])
+        assert result.exit_code == 0, result.output
+        return next(line for line in result.stdout.splitlines() if line.startswith("estimated compile time"))
+
+    one = compile_estimate("1")
+    assert one == compile_estimate("1,2,3")
+    assert "180 s" in one  # (inputs, layer, head) x positions {1, 3, 5}: 9 graphs x 20 s (a GPU)
+    assert compile_estimate("1", "1,4") != one

@@ -102,7 +102,7 @@ def benchmark(
                                     repeats=repeats or 3, dtype=dtype, device=device, threads=threads,
                                     device_map=device_map)
             cells = benchmark_cells(spec.parse_range(exits), spec.parse_range(speculations), draft_model or None, hf,
-                                    compiled)
+                                    compiled, tuple(spec.parse_range(batch_sizes)))
             print_dry_run(setup, cells, gpus, gpu_memory, peak_bandwidth, peak_flops, acceptance)
             return
         target = out_dir or Path("runs") / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}"
