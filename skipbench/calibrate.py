@@ -1,21 +1,30 @@
-"""Measured time of one decoder layer and of the LM head for a block of n positions, per model.
+"""Measured time of one decoder layer and of the LM head for a block of n positions at B rows, per model.
 
 The cost model's FLOPs and bytes cannot say what a pass costs on a given device: a batch-1 step is
 bandwidth-bound, but a verify block of K+1 positions can be compute-bound (on a CPU one layer over 5
-positions costs well over one over 1 position). So before measuring, a run times the model's own layer
-and head for the block sizes its passes use; the summary then predicts each cell's time as the sum over
-the passes it ran of (layers x time of a layer for n positions + time of the head for its rows), and
-reports the measured speedup against that prediction.
+positions costs well over one over 1 position), and a pass over B rows of a batch reads its weights once
+for all of them. So before measuring, a run times the model's own layer and head for the block sizes its
+passes use, at every number of rows its batches have (`batch_rows`); the summary then predicts each cell's
+time as the sum over the passes it ran of (layers x time of a layer for n positions at B rows + time of
+the head for its rows at B rows), a pass shared by B rows counted once (`summary`), and reports the
+measured speedup against that prediction.
+
+Stored (the manifest's `calibration` of each model): the batch-1 table at the top level (`layer_seconds`,
+`head_seconds`: size -> seconds; what runs before batches stored, read as B = 1) and one table per other
+number of rows under `batches` (rows -> the same two maps). Batch 1 times `DecoderStack` (the one-prompt
+engine); B > 1 times `BatchStack` with B rows, each at `context` cached positions, as the batched engine runs.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
+from skipbench.decoding.batch_stack import BatchStack
 from skipbench.decoding.layers import DecoderStack, KVCache
 from skipbench.decoding.loop import synchronize
 
@@ -34,8 +43,32 @@ def block_sizes(longest: int, most_drafts: int) -> list[int]:
     return sorted(sizes)
 
 
-def measure(stack: DecoderStack, sizes: list[int], context: int) -> dict:
-    """Median seconds of one layer (the middle one, at `context` cached positions) and of the head, per size."""
+def batch_rows(batch_sizes: Iterable[int], prompts: int) -> list[int]:
+    """Every number of rows a run's batches have: 1, each batch size, and each smaller last batch (prompts are
+    decoded in batches of B in order, so the last holds prompts % B)."""
+    rows = {1}
+    for size in batch_sizes:
+        rows.add(min(size, prompts))
+        if size > 1 and prompts % size:
+            rows.add(prompts % size)
+    return sorted(rows)
+
+
+def measure(stack: DecoderStack, sizes: list[int], context: int, rows: Iterable[int] = (1,),
+            most_drafts: int | None = None) -> dict:
+    """Median seconds of one layer (the middle one, at `context` cached positions per row) and of the head, per
+    size, at each number of `rows`. Batched passes run a head only on decode and verify blocks (<= K+2 per
+    row; the batched prefill has none), so B > 1 times the head at those sizes only (`most_drafts`: K)."""
+    found = _measure_one(stack, sizes, context)
+    batches = {}
+    head_limit = max(sizes) if most_drafts is None else most_drafts + 2
+    for count in sorted(set(rows) - {1}):
+        batches[str(count)] = _measure_rows(BatchStack(stack), count, sizes, [n for n in sizes if n <= head_limit],
+                                            context)
+    return {"context": context, **found, **({"batches": batches} if batches else {})}
+
+
+def _measure_one(stack: DecoderStack, sizes: list[int], context: int) -> dict:
     layer = stack.num_layers // 2
     cache = KVCache(stack.num_layers, context + max(sizes))
     width = stack.config.hidden_size
@@ -51,7 +84,28 @@ def measure(stack: DecoderStack, sizes: list[int], context: int) -> dict:
                                           reset=lambda: cache.truncate(context))
             head_seconds[size] = _median(lambda h=last, n=size: stack.run(h, cache, stack.num_layers,
                                                                             stack.num_layers, head=n), stack.device)
-    return {"context": context, "layer_seconds": layer_seconds, "head_seconds": head_seconds}
+    return {"layer_seconds": layer_seconds, "head_seconds": head_seconds}
+
+
+def _measure_rows(batched: BatchStack, rows: int, sizes: list[int], head_sizes: list[int], context: int) -> dict:
+    """The same layer and the head as the batched engine runs them: `rows` rows, each at `context` positions."""
+    stack = batched.stack
+    layer, top = stack.num_layers // 2, stack.num_layers
+    cache = batched.new_cache(rows, context + max(sizes), None, "target")
+    width = stack.config.hidden_size
+    layer_seconds, head_seconds = {}, {}
+    with torch.inference_mode():
+        filler = torch.zeros(rows, context, width, dtype=stack.dtype, device=stack.input_device(layer))
+        if context:
+            batched.run(filler, cache, layer, layer + 1)
+        for size in sizes:
+            hidden = torch.randn(rows, size, width, dtype=stack.dtype, device=stack.input_device(layer))
+            layer_seconds[size] = _median(lambda h=hidden: batched.run(h, cache, layer, layer + 1), stack.device,
+                                          reset=lambda: cache.truncate([context] * rows))
+        for size in head_sizes:
+            last = torch.randn(rows, size, width, dtype=stack.dtype, device=stack.input_device(top))
+            head_seconds[size] = _median(lambda h=last: batched.run(h, cache, top, top, head="all"), stack.device)
+    return {"layer_seconds": layer_seconds, "head_seconds": head_seconds}
 
 
 def _median(action, device: torch.device, reset=lambda: None) -> float:
@@ -66,15 +120,38 @@ def _median(action, device: torch.device, reset=lambda: None) -> float:
     return statistics.median(times[1:])
 
 
-def pass_seconds(calibration: dict, start, end, positions, head_positions) -> np.ndarray:
-    """Predicted seconds of passes (arrays of their fields): layers x layer time + head time, interpolated."""
-    layer = calibration["layer_seconds"]
-    head = calibration["head_seconds"]
-    layer_sizes = np.array(sorted(int(n) for n in layer), dtype=float)
-    head_sizes = np.array(sorted(int(n) for n in head), dtype=float)
-    layer_times = np.array([layer[key] for key in sorted(layer, key=int)])
-    head_times = np.array([head[key] for key in sorted(head, key=int)])
-    per_layer = np.interp(np.asarray(positions, dtype=float), layer_sizes, layer_times)
-    per_head = np.where(np.asarray(head_positions) > 0,
-                        np.interp(np.asarray(head_positions, dtype=float), head_sizes, head_times), 0.0)
-    return (np.asarray(end) - np.asarray(start)) * np.where(np.asarray(positions) > 0, per_layer, 0.0) + per_head
+def table(calibration: dict, rows: int) -> dict | None:
+    """The (layer_seconds, head_seconds) table measured at `rows` rows; None where that number was not timed.
+    A calibration without `batches` (runs before batches) holds batch 1 only."""
+    if int(rows) == 1:
+        return calibration
+    return (calibration.get("batches") or {}).get(str(int(rows)))
+
+
+def _interpolate(measured: dict, sizes: np.ndarray, clamp: bool) -> np.ndarray:
+    known = np.array(sorted(int(n) for n in measured), dtype=float)
+    times = np.array([measured[key] for key in sorted(measured, key=int)], dtype=float)
+    found = np.interp(sizes, known, times)
+    return found if clamp else np.where(sizes <= known[-1], found, np.nan)
+
+
+def pass_seconds(calibration: dict, start, end, positions, head_positions, batch=1, *,
+                 clamp: bool = False) -> np.ndarray:
+    """Predicted seconds of passes (arrays of their fields; `batch`: the rows sharing each pass): layers x the
+    layer time for its positions at its rows + the head time, interpolated in n within the table of that many
+    rows. A number of rows never timed, or a block larger than its table's largest (unless `clamp`: then the
+    largest's time), predicts nan, never a number of another table."""
+    scalar = all(np.ndim(value) == 0 for value in (start, end, positions, head_positions, batch))
+    start, end, positions, heads, rows = np.broadcast_arrays(
+        *(np.atleast_1d(np.asarray(value, dtype=float)) for value in (start, end, positions, head_positions, batch)))
+    result = np.full(rows.shape, np.nan)
+    for count in np.unique(rows):
+        measured = table(calibration, int(count))
+        if measured is None:
+            continue
+        chosen = rows == count
+        n, h = positions[chosen], heads[chosen]
+        per_layer = np.where(n > 0, _interpolate(measured["layer_seconds"], n, clamp), 0.0)
+        per_head = np.where(h > 0, _interpolate(measured["head_seconds"], h, clamp), 0.0)
+        result[chosen] = (end - start)[chosen] * per_layer + per_head
+    return result[0] if scalar else result
