@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ from skipbench.decoding.layers import DecoderStack, KVCache
 from skipbench.decoding.loop import synchronize
 
 REPEATS = 7
+SMALL_BLOCK = 64  # positions (rows x size) up to which a block's time is mostly reading the weights
+STREAMED_BYTES = 64 * 2**20  # more weights than a CPU's last-level cache or a GPU's L2 holds
 
 
 def block_sizes(longest: int, most_drafts: int) -> list[int]:
@@ -54,57 +56,86 @@ def batch_rows(batch_sizes: Iterable[int], prompts: int) -> list[int]:
     return sorted(rows)
 
 
-def measure(stack: DecoderStack, sizes: list[int], context: int, rows: Iterable[int] = (1,),
+def batch_contexts(lengths: Sequence[int], rows: Iterable[int], new_tokens: int) -> dict[int, int]:
+    """The keys a typical step of a batch of each number of rows attends over: a batched pass scores every row
+    against the window of its batch's furthest row (`batch_stack`), so the median over the run's batches (its
+    prompts in order, `lengths`) of the longest prompt, plus half the new tokens; at 1 row, the median prompt."""
+    found = {}
+    for count in rows:
+        size = max(int(count), 1)
+        widest = sorted(max(lengths[start:start + size]) for start in range(0, len(lengths), size))
+        found[int(count)] = widest[len(widest) // 2] + new_tokens // 2
+    return found
+
+
+def measure(stack: DecoderStack, sizes: list[int], context: int, rows: Mapping[int, int] | None = None,
             most_drafts: int | None = None) -> dict:
-    """Median seconds of one layer (the middle one, at `context` cached positions per row) and of the head, per
-    size, at each number of `rows`. Batched passes run a head only on decode and verify blocks (<= K+2 per
-    row; the batched prefill has none), so B > 1 times the head at those sizes only (`most_drafts`: K)."""
-    found = _measure_one(stack, sizes, context)
-    batches = {}
+    """Median seconds of one layer (middle ones, at `context` cached positions) and of the head, per size; with
+    `rows` (number of rows -> the context its batches' steps see, `batch_contexts`), a table per number of rows
+    too. Batched passes run a head only on decode and verify blocks (<= K+2 per row: the batched prefill has
+    none), so B > 1 times the head at those sizes only (`most_drafts`: K)."""
+    found = {"context": context, **_measure_one(stack, sizes, context)}
     head_limit = max(sizes) if most_drafts is None else most_drafts + 2
-    for count in sorted(set(rows) - {1}):
-        batches[str(count)] = _measure_rows(BatchStack(stack), count, sizes, [n for n in sizes if n <= head_limit],
-                                            context)
-    return {"context": context, **found, **({"batches": batches} if batches else {})}
+    batches = {str(count): {"context": seen, **_measure_rows(BatchStack(stack), count, sizes,
+                                                             [n for n in sizes if n <= head_limit], seen)}
+               for count, seen in sorted((rows or {}).items()) if count > 1}
+    return found | ({"batches": batches} if batches else {})
+
+
+def _span(stack: DecoderStack, positions: int) -> tuple[int, int]:
+    """The middle layers a block is timed over: one, or for a small block (`SMALL_BLOCK` positions in all, whose
+    time is reading the weights) enough consecutive layers that their weights (`STREAMED_BYTES`) cannot all stay
+    in a cache between calls, as a pass's layers do not; the time per layer is the span's over its layers."""
+    layers = stack.num_layers
+    count = 1
+    if positions <= SMALL_BLOCK:
+        middle = stack.layers[layers // 2]
+        weight = sum(p.numel() * p.element_size() for p in middle.parameters())
+        count = min(max(-(-STREAMED_BYTES // max(weight, 1)), 1), max(layers - 1, 1))
+    first = min(max(layers // 2 - count // 2, 1 if layers > 1 else 0), layers - count)
+    return first, first + count
 
 
 def _measure_one(stack: DecoderStack, sizes: list[int], context: int) -> dict:
-    layer = stack.num_layers // 2
     cache = KVCache(stack.num_layers, context + max(sizes))
     width = stack.config.hidden_size
     layer_seconds, head_seconds = {}, {}
     with torch.inference_mode():
-        # (Inputs lie where the layer before them ran: a model spread over devices times the same layer.)
-        filler = torch.zeros(1, context, width, dtype=stack.dtype, device=stack.input_device(layer))
-        stack.run(filler, cache, layer, layer + 1)
+        # (Inputs lie where the layer before them ran: a model spread over devices times the same layers.)
+        first, last = _span(stack, 1)
+        filler = torch.zeros(1, context, width, dtype=stack.dtype, device=stack.input_device(first))
+        stack.run(filler, cache, first, last)
         for size in sizes:
-            hidden = torch.randn(1, size, width, dtype=stack.dtype, device=stack.input_device(layer))
-            last = torch.randn(1, size, width, dtype=stack.dtype, device=stack.input_device(stack.num_layers))
-            layer_seconds[size] = _median(lambda h=hidden: stack.run(h, cache, layer, layer + 1), stack.device,
-                                          reset=lambda: cache.truncate(context))
-            head_seconds[size] = _median(lambda h=last, n=size: stack.run(h, cache, stack.num_layers,
-                                                                            stack.num_layers, head=n), stack.device)
+            start, end = _span(stack, size)
+            hidden = torch.randn(1, size, width, dtype=stack.dtype, device=stack.input_device(start))
+            top = torch.randn(1, size, width, dtype=stack.dtype, device=stack.input_device(stack.num_layers))
+            layer_seconds[size] = _median(lambda h=hidden, s=start, e=end: stack.run(h, cache, s, e), stack.device,
+                                          reset=lambda: cache.truncate(context)) / (end - start)
+            head_seconds[size] = _median(lambda h=top, n=size: stack.run(h, cache, stack.num_layers,
+                                                                           stack.num_layers, head=n), stack.device)
     return {"layer_seconds": layer_seconds, "head_seconds": head_seconds}
 
 
 def _measure_rows(batched: BatchStack, rows: int, sizes: list[int], head_sizes: list[int], context: int) -> dict:
-    """The same layer and the head as the batched engine runs them: `rows` rows, each at `context` positions."""
+    """The same layers and the head as the batched engine runs them: `rows` rows, each at `context` positions."""
     stack = batched.stack
-    layer, top = stack.num_layers // 2, stack.num_layers
+    top = stack.num_layers
     cache = batched.new_cache(rows, context + max(sizes), None, "target")
     width = stack.config.hidden_size
     layer_seconds, head_seconds = {}, {}
     with torch.inference_mode():
-        filler = torch.zeros(rows, context, width, dtype=stack.dtype, device=stack.input_device(layer))
+        first, last = _span(stack, 1)  # the widest span: every layer a block is timed over holds the context
         if context:
-            batched.run(filler, cache, layer, layer + 1)
+            batched.run(torch.zeros(rows, context, width, dtype=stack.dtype, device=stack.input_device(first)),
+                        cache, first, last)
         for size in sizes:
-            hidden = torch.randn(rows, size, width, dtype=stack.dtype, device=stack.input_device(layer))
-            layer_seconds[size] = _median(lambda h=hidden: batched.run(h, cache, layer, layer + 1), stack.device,
-                                          reset=lambda: cache.truncate([context] * rows))
+            start, end = _span(stack, rows * size)
+            hidden = torch.randn(rows, size, width, dtype=stack.dtype, device=stack.input_device(start))
+            layer_seconds[size] = _median(lambda h=hidden, s=start, e=end: batched.run(h, cache, s, e), stack.device,
+                                          reset=lambda: cache.truncate([context] * rows)) / (end - start)
         for size in head_sizes:
-            last = torch.randn(rows, size, width, dtype=stack.dtype, device=stack.input_device(top))
-            head_seconds[size] = _median(lambda h=last: batched.run(h, cache, top, top, head="all"), stack.device)
+            states = torch.randn(rows, size, width, dtype=stack.dtype, device=stack.input_device(top))
+            head_seconds[size] = _median(lambda h=states: batched.run(h, cache, top, top, head="all"), stack.device)
     return {"layer_seconds": layer_seconds, "head_seconds": head_seconds}
 
 

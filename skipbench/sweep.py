@@ -199,7 +199,9 @@ def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
     most_drafts = max(cell.num_speculations or 0 for cell in cells)
     sizes = calibrate.block_sizes(lengths[-1], most_drafts)
     typical = lengths[len(lengths) // 2] + prompt_set.max_new_tokens // 2  # the context of a typical step
-    rows = calibrate.batch_rows({cell.batch_size for cell in cells}, len(prompt_set.prompts))
+    rows = calibrate.batch_contexts([len(prompt.token_ids) for prompt in prompt_set.prompts],
+                                    calibrate.batch_rows({cell.batch_size for cell in cells}, len(lengths)),
+                                    prompt_set.max_new_tokens)
     infos = {name: model_info(loaded) | {"calibration": _calibration(loaded, sizes, typical, rows, most_drafts)}
              for name, loaded in (("target", target), *drafts.items())}
     manifest = manifest_for(setup, cells, models={"target": infos.pop("target"), "drafts": infos},
@@ -268,7 +270,7 @@ def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool
     return store
 
 
-def _calibration(loaded: LoadedModel, sizes: list[int], context: int, rows: list[int],
+def _calibration(loaded: LoadedModel, sizes: list[int], context: int, rows: dict[int, int],
                  most_drafts: int) -> dict | None:
     """Measured layer and head times per block size and number of rows (for the time model), where the engine
     can drive the model."""

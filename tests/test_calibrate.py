@@ -25,13 +25,20 @@ def test_the_rows_a_run_calibrates_are_each_batch_size_and_each_smaller_last_bat
     assert calibrate.batch_rows([4, 16], 16) == [1, 4, 16]
 
 
+def test_a_batch_is_calibrated_at_the_window_its_furthest_row_sees():
+    lengths = [10, 30, 20, 40, 5, 6]
+    # 1 row: the median prompt; 2 rows: batches' longest 30, 40, 6 -> 30; 4 rows: 40 and 6 -> 40; + 8 // 2
+    assert calibrate.batch_contexts(lengths, [1, 2, 4], 8) == {1: 20 + 4, 2: 30 + 4, 4: 40 + 4}
+
+
 def test_calibration_holds_a_table_per_batch_size():
     stack = DecoderStack(make_model("gqa"))
     sizes = calibrate.block_sizes(9, 2)
-    found = calibrate.measure(stack, sizes, context=6, rows=(1, 4), most_drafts=2)
+    found = calibrate.measure(stack, sizes, context=6, rows={1: 6, 4: 7}, most_drafts=2)
     assert sorted(int(n) for n in found["layer_seconds"]) == sizes == sorted(int(n) for n in found["head_seconds"])
     assert list(found["batches"]) == ["4"]
     four = found["batches"]["4"]
+    assert four["context"] == 7
     assert sorted(four["layer_seconds"]) == sizes
     assert sorted(four["head_seconds"]) == [1, 2, 3, 4]  # batched heads run on decode and verify blocks only
     assert all(seconds > 0 for seconds in [*four["layer_seconds"].values(), *four["head_seconds"].values()])
