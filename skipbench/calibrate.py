@@ -1,4 +1,4 @@
-"""Measured time of one decoder layer and of the LM head for a block of n positions at B rows, per model.
+"""Measured time of a decoder layer and of the LM head for a block of n positions at B rows, per model.
 
 The cost model's FLOPs and bytes cannot say what a pass costs on a given device: a batch-1 step is
 bandwidth-bound, but a verify block of K+1 positions can be compute-bound (on a CPU one layer over 5
@@ -12,7 +12,9 @@ measured speedup against that prediction.
 Stored (the manifest's `calibration` of each model): the batch-1 table at the top level (`layer_seconds`,
 `head_seconds`: size -> seconds; what runs before batches stored, read as B = 1) and one table per other
 number of rows under `batches` (rows -> the same two maps). Batch 1 times `DecoderStack` (the one-prompt
-engine); B > 1 times `BatchStack` with B rows, each at `context` cached positions, as the batched engine runs.
+engine); B > 1 times `BatchStack` with B rows, each at the table's `context` cached positions (the window a
+batch's furthest row sees, `batch_contexts`), as the batched engine runs. A small block is timed over a span of
+middle layers (`_span`): one layer alone keeps its weights in cache between calls, which a pass never does.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def _span(stack: DecoderStack, positions: int) -> tuple[int, int]:
 def _measure_one(stack: DecoderStack, sizes: list[int], context: int) -> dict:
     cache = KVCache(stack.num_layers, context + max(sizes))
     width = stack.config.hidden_size
-    layer_seconds, head_seconds = {}, {}
+    timed = {}
     with torch.inference_mode():
         # (Inputs lie where the layer before them ran: a model spread over devices times the same layers.)
         first, last = _span(stack, 1)
@@ -109,11 +111,13 @@ def _measure_one(stack: DecoderStack, sizes: list[int], context: int) -> dict:
             start, end = _span(stack, size)
             hidden = torch.randn(1, size, width, dtype=stack.dtype, device=stack.input_device(start))
             top = torch.randn(1, size, width, dtype=stack.dtype, device=stack.input_device(stack.num_layers))
-            layer_seconds[size] = _median(lambda h=hidden, s=start, e=end: stack.run(h, cache, s, e), stack.device,
-                                          reset=lambda: cache.truncate(context)) / (end - start)
-            head_seconds[size] = _median(lambda h=top, n=size: stack.run(h, cache, stack.num_layers,
-                                                                           stack.num_layers, head=n), stack.device)
-    return {"layer_seconds": layer_seconds, "head_seconds": head_seconds}
+            timed["layer", size] = (lambda h=hidden, s=start, e=end: stack.run(h, cache, s, e),
+                                    lambda: cache.truncate(context), end - start)
+            timed["head", size] = (lambda h=top, n=size: stack.run(h, cache, stack.num_layers, stack.num_layers,
+                                                                   head=n), lambda: None, 1)
+        found = _medians(timed, stack.device)
+    return {"layer_seconds": {size: found["layer", size] for size in sizes},
+            "head_seconds": {size: found["head", size] for size in sizes}}
 
 
 def _measure_rows(batched: BatchStack, rows: int, sizes: list[int], head_sizes: list[int], context: int) -> dict:
@@ -122,7 +126,7 @@ def _measure_rows(batched: BatchStack, rows: int, sizes: list[int], head_sizes: 
     top = stack.num_layers
     cache = batched.new_cache(rows, context + max(sizes), None, "target")
     width = stack.config.hidden_size
-    layer_seconds, head_seconds = {}, {}
+    timed = {}
     with torch.inference_mode():
         first, last = _span(stack, 1)  # the widest span: every layer a block is timed over holds the context
         if context:
@@ -131,24 +135,30 @@ def _measure_rows(batched: BatchStack, rows: int, sizes: list[int], head_sizes: 
         for size in sizes:
             start, end = _span(stack, rows * size)
             hidden = torch.randn(rows, size, width, dtype=stack.dtype, device=stack.input_device(start))
-            layer_seconds[size] = _median(lambda h=hidden, s=start, e=end: batched.run(h, cache, s, e), stack.device,
-                                          reset=lambda: cache.truncate([context] * rows)) / (end - start)
+            timed["layer", size] = (lambda h=hidden, s=start, e=end: batched.run(h, cache, s, e),
+                                    lambda: cache.truncate([context] * rows), end - start)
         for size in head_sizes:
             states = torch.randn(rows, size, width, dtype=stack.dtype, device=stack.input_device(top))
-            head_seconds[size] = _median(lambda h=states: batched.run(h, cache, top, top, head="all"), stack.device)
-    return {"layer_seconds": layer_seconds, "head_seconds": head_seconds}
+            timed["head", size] = (lambda h=states: batched.run(h, cache, top, top, head="all"), lambda: None, 1)
+        found = _medians(timed, stack.device)
+    return {"layer_seconds": {size: found["layer", size] for size in sizes},
+            "head_seconds": {size: found["head", size] for size in head_sizes}}
 
 
-def _median(action, device: torch.device, reset=lambda: None) -> float:
-    times = []
-    for _ in range(REPEATS + 1):  # the first call warms caches and allocators
-        reset()
-        synchronize(device)
-        began = time.perf_counter()
-        action()
-        synchronize(device)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times[1:])
+def _medians(timed: dict, device: torch.device) -> dict:
+    """Median seconds of each (action, reset, layers) over REPEATS rounds, divided by its layers. Rounds run every
+    action in turn, so a burst of other work on the machine lands on all sizes alike, not on a few neighbours
+    (which would bend the table); the first round warms caches and allocators and is not counted."""
+    times: dict = {key: [] for key in timed}
+    for _ in range(REPEATS + 1):
+        for key, (action, reset, _layers) in timed.items():
+            reset()
+            synchronize(device)
+            began = time.perf_counter()
+            action()
+            synchronize(device)
+            times[key].append(time.perf_counter() - began)
+    return {key: statistics.median(found[1:]) / timed[key][2] for key, found in times.items()}
 
 
 def table(calibration: dict, rows: int) -> dict | None:
