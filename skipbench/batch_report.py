@@ -4,6 +4,8 @@
 - `batch_speedup.md` and `plots/speedup_vs_batch.png`: one line per strategy / exit / K / draft / backend, its
   speedup against autoregressive at the same batch size, with intervals; the first batch size whose whole
   interval lies below 1.00 is marked as where speculation stops paying (only where the interval says so).
+  Next to each measured speedup, the time model's (`predicted_speedup_time`: the passes the cell ran, timed
+  per block size at its batch's rows, `calibrate`) and measured / predicted; dashed in the plot.
 - `plots/throughput_vs_tpot.png`: tokens/s against TPOT p50, one point per batch size (the serving trade-off).
 Nothing is written for a run without the latency columns (older runs) or, for the batch files, with one batch size.
 """
@@ -63,6 +65,7 @@ def speedup_lines(summary: pd.DataFrame) -> list[dict]:
         found.append({"label": label, "batch": part["batch_size"].astype(int).tolist(),
                       "speedup": part["speedup"].tolist(), "low": part["speedup_low"].tolist(),
                       "high": part["speedup_high"].tolist(),
+                      "predicted": part.get("predicted_speedup_time", pd.Series(np.nan, index=part.index)).tolist(),
                       "stops_paying": int(below["batch_size"].iloc[0]) if len(below) else None})
     return found
 
@@ -81,9 +84,30 @@ def speedup_table(lines: list[dict]) -> str:
                 cells.append("-")
         stop = "-" if line["stops_paying"] is None else f"B={line['stops_paying']}"
         rows.append("| " + " | ".join([line["label"], *cells, stop]) + " |")
-    return "\n".join(["Speedup against autoregressive at the same batch size [95% interval]; speculation stops "
-                      "paying at the first batch size whose interval lies below 1.00 after one whose interval lay "
-                      "above it (-: not shown).", "", *rows, ""])
+    text = ["Speedup against autoregressive at the same batch size [95% interval]; speculation stops paying at the "
+            "first batch size whose interval lies below 1.00 after one whose interval lay above it (-: not shown).",
+            "", *rows, ""]
+    return "\n".join(text + predicted_table(lines))
+
+
+def _times(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}x"
+
+
+def predicted_table(lines: list[dict]) -> list[str]:
+    """Measured against the time model, one row per configuration and batch size (nothing without a model)."""
+    if not any(value == value for line in lines for value in line.get("predicted", [])):
+        return []
+    rows = ["| cell | B | measured [95% interval] | predicted | measured / predicted |", "|---|---|---|---|---|"]
+    for line in lines:
+        for size, speed, low, high, predicted in zip(line["batch"], line["speedup"], line["low"], line["high"],
+                                                     line["predicted"], strict=True):
+            ratio = speed / predicted if predicted == predicted and predicted else float("nan")
+            rows.append(f"| {line['label']} | {size} | {_times(speed)} [{low:.2f}, {high:.2f}] | {_times(predicted)} "
+                        f"| {'-' if ratio != ratio else f'{ratio:.2f}'} |")
+    return ["Measured against predicted: the time model (`calibrate`) times a layer and the head per block size at "
+            "each batch's rows; a cell's prediction sums its passes (each batched pass once), over the same for "
+            "autoregressive at that batch size.", "", *rows, ""]
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -97,8 +121,12 @@ def plot_speedup(lines: list[dict], path: Path) -> Path:
     axes = figure.add_subplot()
     for line in lines:
         speed, low, high = (np.asarray(line[name], dtype=float) for name in ("speedup", "low", "high"))
-        axes.errorbar(line["batch"], speed, yerr=[np.nan_to_num(speed - low), np.nan_to_num(high - speed)],
-                      marker="o", capsize=3, label=line["label"])
+        drawn = axes.errorbar(line["batch"], speed, yerr=[np.nan_to_num(speed - low), np.nan_to_num(high - speed)],
+                              marker="o", capsize=3, label=line["label"])
+        predicted = np.asarray(line.get("predicted", [np.nan] * len(speed)), dtype=float)
+        if np.isfinite(predicted).any():
+            axes.plot(line["batch"], predicted, linestyle="--", marker="x", color=drawn.lines[0].get_color(),
+                      label=f"{line['label']} (predicted)")
         if line["stops_paying"] is not None:
             at = line["batch"].index(line["stops_paying"])
             axes.scatter([line["stops_paying"]], [speed[at]], s=160, facecolors="none", edgecolors="red")

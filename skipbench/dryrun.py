@@ -148,7 +148,7 @@ class TimeBasis:
         start, end, positions, head = span
         calibration = self.calibrations.get(role)
         if self.kind == "calibration" and calibration:
-            return float(calibrate.pass_seconds(calibration, start, end, positions, head)) + self.overhead
+            return float(calibrate.pass_seconds(calibration, start, end, positions, head, clamp=True)) + self.overhead
         if self.bandwidth and self.flops:
             moved = float(costs.pass_bytes(shape, start, end, positions, context, head))
             work = float(costs.pass_flops(shape, start, end, positions, context, head))
@@ -370,6 +370,8 @@ def pass_overhead(root: str, calibration: dict) -> float:
         return 0.0
     table = costs.pass_table(rows)
     table = table[table["model"] == "target"]
+    table = table[table["batch"] == 1]  # batch 1 (the estimate's passes); a batched pass is in every row's trace
+    rows = rows.iloc[sorted(set(table["row"]))]
     predicted = calibrate.pass_seconds(calibration, table["start"], table["end"], table["positions"],
-                                       table["head_positions"]).sum()
+                                       table["head_positions"], clamp=True).sum()
     return max(float(rows["time_s"].sum() - predicted) / max(len(table), 1), 0.0)

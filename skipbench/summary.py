@@ -196,15 +196,21 @@ def _cost_columns(rows: pd.DataFrame, cell: Cell, shape: costs.ModelShape, draft
 
 
 def _predicted_seconds(passes: pd.DataFrame, calibrations: dict[str, dict | None]) -> float:
-    """The time model: each pass as its layers x the measured time of a layer for its block of positions,
-    plus the head for its rows (`calibrate`); nan when a model that ran was not calibrated."""
+    """The time model: each pass as its layers x the measured time of a layer for its block of positions at
+    its batch's rows, plus the head for its rows (`calibrate`); nan when a model that ran, or a number of rows
+    it ran at, was not calibrated.
+
+    A pass shared by B rows is recorded once in each of their traces, and each row's `time_s` is 1/B of the
+    batch's wall time, so each row is charged 1/B of the pass: the cell's prediction counts it once."""
     total = 0.0
     for model, part in passes.groupby("model"):
         calibration = calibrations.get(model)
         if calibration is None:
             return float("nan")
-        total += calibrate.pass_seconds(calibration, part["start"], part["end"], part["positions"],
-                                        part["head_positions"]).sum()
+        rows = part["batch"].to_numpy() if "batch" in part else 1
+        seconds = calibrate.pass_seconds(calibration, part["start"], part["end"], part["positions"],
+                                         part["head_positions"], rows)
+        total += float(np.sum(seconds / rows))  # nan stays nan: a pass the model cannot time
     return total
 
 
@@ -216,7 +222,8 @@ def add_costs(summary: pd.DataFrame, frame: pd.DataFrame, manifest: dict, *, pea
     by Σ new tokens, prefill included. ``predicted_speedup`` is the baseline's bytes per token over the
     cell's (batch-1 decoding reads weights: a bandwidth-bound model), ``predicted_speedup_flops`` the same
     with FLOPs, and ``predicted_speedup_time`` the time model of `calibrate` (each pass's measured block
-    time: it knows a verify block can be compute-bound). ``measured_over_predicted`` divides the measured
+    time at its batch's rows: it knows a verify block can be compute-bound, and what B rows cost together;
+    a batched cell against autoregressive at the same batch size). ``measured_over_predicted`` divides the measured
     speedup by the time model where the run was calibrated, else by the bytes model.
     """
     shape, drafts = model_shapes(manifest)

@@ -196,9 +196,13 @@ def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
     prompt_set = build_prompts(setup, target.tokenizer, max_positions=target.max_positions, loaded=examples,
                                answer=greedy_answerer(target.model, target.tokenizer))
     lengths = sorted(len(prompt.token_ids) for prompt in prompt_set.prompts)
-    sizes = calibrate.block_sizes(lengths[-1], max(cell.num_speculations or 0 for cell in cells))
+    most_drafts = max(cell.num_speculations or 0 for cell in cells)
+    sizes = calibrate.block_sizes(lengths[-1], most_drafts)
     typical = lengths[len(lengths) // 2] + prompt_set.max_new_tokens // 2  # the context of a typical step
-    infos = {name: model_info(loaded) | {"calibration": _calibration(loaded, sizes, typical)}
+    rows = calibrate.batch_contexts([len(prompt.token_ids) for prompt in prompt_set.prompts],
+                                    calibrate.batch_rows({cell.batch_size for cell in cells}, len(lengths)),
+                                    prompt_set.max_new_tokens)
+    infos = {name: model_info(loaded) | {"calibration": _calibration(loaded, sizes, typical, rows, most_drafts)}
              for name, loaded in (("target", target), *drafts.items())}
     manifest = manifest_for(setup, cells, models={"target": infos.pop("target"), "drafts": infos},
                             prompts=prompt_set.describe(), dtype=target.model.dtype, machine={"before": before},
@@ -267,13 +271,15 @@ def execute(setup: Setup, cells: list[Cell], out_dir: Path | str, *, force: bool
     return store
 
 
-def _calibration(loaded: LoadedModel, sizes: list[int], context: int) -> dict | None:
-    """Measured layer and head times per block size (for the time model), where the engine can drive it."""
+def _calibration(loaded: LoadedModel, sizes: list[int], context: int, rows: dict[int, int],
+                 most_drafts: int) -> dict | None:
+    """Measured layer and head times per block size and number of rows (for the time model), where the engine
+    can drive the model."""
     try:
         stack = DecoderStack(loaded.model, placement=loaded.placement)
     except EngineError:
         return None
-    return calibrate.measure(stack, sizes, context)
+    return calibrate.measure(stack, sizes, context, rows, most_drafts)
 
 
 # --------------------------------------------------------------------------- sweeps of files, tasks, models
