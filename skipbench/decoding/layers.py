@@ -268,9 +268,10 @@ class DecoderStack:
             config = self.config
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             shape = (rows, config.num_key_value_heads, self.capacity, head_dim)
-            self._slots[role, rows] = [
-                LayerSlot(torch.zeros(shape, dtype=self.dtype, device=device),
-                          torch.zeros(shape, dtype=self.dtype, device=device)) for device in self.layer_devices]
+            with torch.inference_mode():  # as the graphs were compiled for (a tensor's dispatch keys are guarded)
+                self._slots[role, rows] = [
+                    LayerSlot(torch.zeros(shape, dtype=self.dtype, device=device),
+                              torch.zeros(shape, dtype=self.dtype, device=device)) for device in self.layer_devices]
         return self._slots[role, rows]
 
     def new_cache(self, capacity: int, trace: Trace | None = None, model: str = "target") -> KVCache:
