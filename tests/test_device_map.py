@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 import skipbench.models
-from skipbench import placement, summary, sweep
+from skipbench import dryrun, placement, summary, sweep
 from skipbench.cli import app
 from skipbench.decoding.autoregressive import Autoregressive
 from skipbench.decoding.layers import DecoderStack
@@ -150,5 +150,5 @@ def test_the_dry_run_compile_estimate_counts_graphs_that_every_exit_shares(tmp_p
 
     one = compile_estimate("1")
     assert one == compile_estimate("1,2,3")
-    assert "180 s" in one  # (inputs, layer, head) x positions {1, 3, 5}: 9 graphs x 20 s (a GPU)
+    assert f"{9 * dryrun.COMPILE_SECONDS_PER_GRAPH['cuda']:.0f} s" in one  # (inputs, layer, head) x {1, 3, 5}
     assert compile_estimate("1", "1,4") != one
