@@ -149,8 +149,8 @@ class CellRunner:
             "completion": completion,
         }
         task = self.prompt_set.task
-        if scored is not None:
-            row |= scored
+        if scored is not None and list(scored["tokens"]) == list(generation.tokens):  # its first round's score
+            row |= {name: value for name, value in scored.items() if name != "tokens"}
         elif task is not None:
             example = tasks.Example(prompt.id, prompt.text, prompt.reference, prompt.extra)
             scores = tasks.score(task, example, completion, execute_code=self.setup.execute_code,
@@ -367,8 +367,8 @@ def measure(cells: dict[str, Cell], runners: Callable[[Cell], CellRunner], promp
             _reset_peak(device)
             cpu_began = time.process_time()
             firsts = [rows.first(key, prompt.index) for prompt in chunk]
-            scored = [{name: value for name, value in first.items() if name.startswith("quality_")} if first else None
-                      for first in firsts]
+            scored = [{name: value for name, value in first.items() if name.startswith("quality_") or name == "tokens"}
+                      if first else None for first in firsts]
             if cells[key].batch_size > 1:
                 made, failure = attempt(key, lambda key=key, chunk=chunk, scored=scored: built[key].batch_rows(
                     chunk, scored))

@@ -237,9 +237,9 @@ class NativeDecoder:
         from skipbench.decoding.layers import EngineError
 
         plans = [plan for rows in self.batch_rows for plan in self.strategy.shapes(self.num_speculations, rows)]
-        for stack, shapes in plans:
+        for stack, role, shapes in plans:
             try:
-                stack.warm(shapes)
+                stack.warm(shapes, role)
             except Exception as error:  # a compiler missing or failing: one line, and eager still works
                 first = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 raise EngineError(f"torch.compile failed ({type(error).__name__}: {first[:200]}); run without "
@@ -275,6 +275,9 @@ def _native(kind: str, compiled: bool = False) -> Callable[[Cell, LoadedModel, L
         else:
             strategy = Autoregressive(stack)
         batched = None
+        if getattr(cell, "batch_size", 1) > 1 and stack.spread:
+            raise Unsupported(f"unsupported at batch {cell.batch_size}: skipbench's batched engine runs a model on one "
+                              f"device (a model spread over devices decodes one prompt at a time)")
         if getattr(cell, "batch_size", 1) > 1:
             draft_stack = BatchStack(context.stack(draft, compiled)) if kind == "draft_model" else None
             batched = BatchEngine(BatchStack(stack), None if kind == "none" else kind,

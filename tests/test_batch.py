@@ -85,9 +85,10 @@ def test_compiled_batches_equal_each_prompt_decoded_alone_and_compile_nothing_wh
               BatchEngine(batched, "draft_model", draft=batched_draft), TwoModel(stack, draft), k)]
     for size in (4, 16):
         for _, _, shaped, drafts in cases:
-            for compiled_stack, shapes in shaped.shapes(drafts, size):
-                compiled_stack.warm(shapes)
-    graphs = counters["stats"]["unique_graphs"]
+            for compiled_stack, role, shapes in shaped.shapes(drafts, size):
+                compiled_stack.warm(shapes, role)
+    graphs, allocated = counters["stats"]["unique_graphs"], dict(stack._slots)
+    assert set(allocated) == {("target", 4), ("target", 16)}  # the static slots, allocated while warming up
     for size in (4, 16):
         for eager, engine, _, drafts in cases:
             singles = [alone(eager, prompt, drafts, eos) for prompt in prompts[:size]]
@@ -98,7 +99,7 @@ def test_compiled_batches_equal_each_prompt_decoded_alone_and_compile_nothing_wh
                 assert steps(row) == steps(single), (type(eager).__name__, size, index)
             assert {entry.window for row in rows for entry in row.passes if entry.start < entry.end} == {capacity}
             assert len({len(row.steps) for row in rows}) > 1
-    assert counters["stats"]["unique_graphs"] == graphs
+    assert counters["stats"]["unique_graphs"] == graphs and stack._slots == allocated
     # One graph per unit (pass inputs, a layer, the head) and pass shape, whatever the exits: E=1 and E=2 share.
     assert stack.compiled_graphs == len({("inputs", rows, n) for rows in (4, 16) for n in (1, k + 1)}) * 3
 

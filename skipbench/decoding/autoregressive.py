@@ -30,9 +30,9 @@ class Autoregressive:
         _, logits = self.stack.run(inputs, self.cache, 0, self.stack.num_layers, head=inputs.shape[0])
         return logits
 
-    def shapes(self, k: int, rows: int = 1) -> list[tuple[DecoderStack, set[tuple[str, int, int]]]]:
-        """Per stack, the pass shapes (see DecoderStack.warm) a step with k drafts runs on `rows` rows."""
-        return [(self.stack, {("layers", rows, k + 1), ("head", rows, k + 1)})]
+    def shapes(self, k: int, rows: int = 1) -> list[tuple[DecoderStack, str, set[tuple[str, int, int]]]]:
+        """Per stack and cache role, the pass shapes (see DecoderStack.warm) a step with k drafts runs on `rows`."""
+        return [(self.stack, self.model, {("layers", rows, k + 1), ("head", rows, k + 1)})]
 
     def commit(self, length: int, inputs: list[int]) -> None:
         """Keep the first `length` positions; `inputs` are the step's input token and drafts, on the host."""

@@ -240,6 +240,7 @@ class DecoderStack:
         self.compiled = compile
         self.capacity = capacity
         self.compile_seconds = 0.0
+        self.compiled_graphs = 0  # one per unit and pass shape (and device), whatever the exits
         self._slots: dict[tuple[str, int], list[LayerSlot]] = {}
         self._warmed: set[tuple[str, int, int]] = set()  # (unit, rows, positions) compiled
         # Eager only: when a dict, the states after each layer count it names (exit l: after layers [0, l)) of
@@ -251,11 +252,6 @@ class DecoderStack:
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
         self._compiled = {unit: torch.compile(function, dynamic=False, options=options)
                           for unit, function in COMPILED_UNITS.items()} if compile else {}
-
-    @property
-    def compiled_graphs(self) -> int:
-        """How many graphs this stack compiled: one per unit and pass shape, whatever the exits."""
-        return len(self._warmed)
 
     def _new_rotary(self, device: torch.device) -> torch.nn.Module:
         with device:  # its inverse frequencies are computed on `device`
@@ -359,26 +355,27 @@ class DecoderStack:
             return contextlib.nullcontext()
         return torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True)
 
-    def warm(self, shapes: set[tuple[str, int, int]]) -> None:
+    def warm(self, shapes: set[tuple[str, int, int]], role: str = "target") -> None:
         """Compile every (unit, rows, positions) a cell will run, before it is timed, timing the compilation
-        apart: units "layers" (the pass inputs and one decoder layer) and "head". A layer's graph is compiled on
-        the first layer of each device and serves all of them. Only shapes compiled here run compiled; any other
-        (prefill, the last steps before the token budget) runs the same functions eagerly, so nothing is ever
-        compiled inside a timed generation."""
+        apart: units "layers" (the pass inputs and one decoder layer) and "head"; and allocate the static slots of
+        `role` for each row count. A layer's graph is compiled on the first layer of each device and serves all
+        of them. Only shapes compiled here run compiled; any other (prefill, the last steps before the token
+        budget) runs the same functions eagerly, so nothing is ever compiled inside a timed generation."""
         if not self.compiled:
             return
         width = self.config.hidden_size
         with torch.inference_mode(), torch._dynamo.config.patch(**WARM_UP_LIMITS):
             for unit, rows, count in sorted(shapes):
-                if (unit, rows, count) in self._warmed:
+                slots = self.new_slots(rows, role) if unit == "layers" else None  # the run's own, allocated now
+                if ("layer" if unit == "layers" else unit, rows, count) in self._warmed:
                     continue
                 began = time.perf_counter()
                 if unit == "head":
                     hidden = torch.zeros(rows, count, width, dtype=self.dtype, device=self.head_device)
                     self._compiled["head"](self.norm, self.lm_head, hidden)
                     self._warmed.add(("head", rows, count))
+                    self.compiled_graphs += 1
                 else:
-                    slots = self.new_slots(rows, "warm-up")
                     for first, _, device in self._spans(0, self.num_layers):
                         hidden = torch.zeros(rows, count, width, dtype=self.dtype, device=device)
                         positions = torch.arange(count, device=device)[None].expand(rows, count).contiguous()
@@ -387,7 +384,7 @@ class DecoderStack:
                         self._compiled["layer"](self.layers[first], hidden, slots[first], positions, mask, cos,
                                                 sin, self.cache_keyword)
                     self._warmed.update({("inputs", rows, count), ("layer", rows, count)})
-                    del self._slots["warm-up", rows]
+                    self.compiled_graphs += 2 * len(set(self.layer_devices))  # each device: its own graphs
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 self.compile_seconds += time.perf_counter() - began

@@ -76,7 +76,7 @@ def parse(text: str) -> tuple[PolicyKind, float | None]:
 
 def check(text: str, strategy: str, drafter: str | None, backend: str, support: str) -> None:
     """Refuse a policy where it makes no sense. `support`: what the backend runs: "all", "transformers"
-    (the options transformers' generate() has) or "static" (static shapes: one graph per E and K)."""
+    (the options transformers' generate() has) or "static" (static shapes warmed for one K)."""
     kind, _ = parse(text)
     if kind.name == STATIC:
         return
@@ -84,8 +84,8 @@ def check(text: str, strategy: str, drafter: str | None, backend: str, support: 
         fits = "self_speculative" if kind.drafters == ("exit",) else "speculative and self_speculative"
         raise SpecError(f"draft policy {kind.name} is for {fits} decoding, not {strategy}")
     if support == "static":
-        raise SpecError(f"backend {backend} runs the static draft policy only (its compiled static shapes fix E "
-                        f"and K); use --backend native for {kind.name}")
+        raise SpecError(f"backend {backend} runs the static draft policy only (its compiled shapes are warmed for one "
+                        f"K); use --backend native for {kind.name}")
     if support == "transformers" and not kind.in_transformers:
         raise SpecError(f"backend {backend} (transformers' generate) has no {kind.name} policy; use --backend native")
 

@@ -76,10 +76,11 @@ class SelfSpeculative(Autoregressive):
                                      kept_head_positions=used, step=trace.step))
         self.shadow_rows = (0, 0)
 
-    def shapes(self, k: int, rows: int = 1) -> list[tuple[DecoderStack, set[tuple[str, int, int]]]]:
+    def shapes(self, k: int, rows: int = 1) -> list[tuple[DecoderStack, str, set[tuple[str, int, int]]]]:
         # Draft passes and the verify pass over the last draft's low layers (one position each, the exit head on
         # drafts), and the verify block: the same shapes at every exit.
-        return [(self.stack, {("layers", rows, 1), ("head", rows, 1), ("layers", rows, k + 1), ("head", rows, k + 1)})]
+        shapes = {("layers", rows, 1), ("head", rows, 1), ("layers", rows, k + 1), ("head", rows, k + 1)}
+        return [(self.stack, self.model, shapes)]
 
     def verify(self, last: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         stack = self.stack

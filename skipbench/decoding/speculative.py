@@ -43,10 +43,10 @@ class TwoModel:
                 break  # transformers' ConfidenceCriteria: the unsure draft is still proposed
         return torch.cat(drafts).to(home), torch.cat(probs).to(home) if sampler.sample else None
 
-    def shapes(self, k: int, rows: int = 1) -> list[tuple[DecoderStack, set[tuple[str, int, int]]]]:
+    def shapes(self, k: int, rows: int = 1) -> list[tuple[DecoderStack, str, set[tuple[str, int, int]]]]:
         # The draft's first pass also feeds the target's last draft when every draft was kept: 2 positions.
-        return [*self.target.shapes(k, rows), (self.drafter.stack, {("layers", rows, 1), ("layers", rows, 2),
-                                                                    ("head", rows, 1)})]
+        drafts = {("layers", rows, 1), ("layers", rows, 2), ("head", rows, 1)}
+        return [*self.target.shapes(k, rows), (self.drafter.stack, self.drafter.model, drafts)]
 
     def verify(self, last: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         return self.target.verify(last, drafts)
