@@ -98,6 +98,38 @@ def test_greedy_decoding_that_changes_between_repeats_is_a_loud_error(tmp_path, 
         execute(SETUP, CELLS, tmp_path)
 
 
+def test_where_kernels_may_not_repeat_a_changed_greedy_decode_is_a_note_and_a_flagged_row(tmp_path, monkeypatch):
+    """On a GPU (here: the check told it is not on a CPU) the run goes on: one note for the cell, its changed rows
+    flagged `repeat_changed`, every other row not."""
+    real, check = measure_module.CellRunner.generate, measure_module._check_repeat
+    calls = Counter()
+
+    def flaky(self, prompt):
+        generation = real(self, prompt)
+        calls[self.cell] += 1
+        if self.cell == CELLS[1] and calls[self.cell] in (5, 8):
+            generation.tokens = generation.tokens[:-1] + [generation.tokens[-1] + 1]
+        return generation
+
+    class Notes(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.notes = []
+
+        def note(self, text):
+            self.notes.append(text)
+
+    monkeypatch.setattr(measure_module.CellRunner, "generate", flaky)
+    monkeypatch.setattr(measure_module, "_check_repeat", lambda *args, exact: check(*args, exact=False))
+    progress = Notes()
+    store = execute(SETUP, CELLS, tmp_path, progress=progress)
+    changed = [note for note in progress.notes if "decoded differently" in note]
+    assert len(changed) == 1 and CELLS[1].label() in changed[0] and "repeat_changed" in changed[0]
+    rows = rows_of(store)
+    assert rows[CELLS[1]]["repeat_changed"].sum() == 2 and len(rows[CELLS[1]]) == 9
+    assert not any(rows[cell]["repeat_changed"].any() for cell in CELLS if cell != CELLS[1])
+
+
 def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
     real = measure_module.CellRunner.generate
     broken = CELLS[2]
