@@ -59,15 +59,14 @@ class BuildContext:
     many the run decodes (a batched cell's last batch holds the rest, a shape compiled engines warm too)."""
 
     capacity: int = 0
-    sample: bool = False
     stacks: dict = field(default_factory=dict)
     prompts: int = 0
 
     @classmethod
     def for_run(cls, cells: Sequence[Cell], longest_prompt: int, max_new_tokens: int,
-                sample: bool = False, prompts: int = 0) -> BuildContext:
+                prompts: int = 0) -> BuildContext:
         most = max(cell.num_speculations or 0 for cell in cells)
-        return cls(capacity=longest_prompt + max_new_tokens + most + 1, sample=sample, prompts=prompts)
+        return cls(capacity=longest_prompt + max_new_tokens + most + 1, prompts=prompts)
 
     def batch_rows(self, batch_size: int) -> tuple[int, ...]:
         """The row counts a cell's batches have: B, and the rest of the prompts in the last batch."""
@@ -211,7 +210,6 @@ class NativeDecoder:
     strategy: object
     num_speculations: int
     device: torch.device
-    sample: bool = False
     draft_policy: str = policies.STATIC
     num_layers: int = 0
     head_layers: float = 0.0  # LM head parameters over one decoder layer's (the dynamic-exit policy's cost model)
@@ -283,7 +281,7 @@ def _native(kind: str, compiled: bool = False) -> Callable[[Cell, LoadedModel, L
             batched = BatchEngine(BatchStack(stack), None if kind == "none" else kind,
                                   getattr(strategy, "exit_layer", None), draft_stack)
         layer = sum(weight.numel() for weight in stack.layers[0].parameters())
-        return NativeDecoder(strategy, cell.num_speculations or 0, target.model.device, context.sample, draft_policy,
+        return NativeDecoder(strategy, cell.num_speculations or 0, target.model.device, draft_policy,
                              stack.num_layers, stack.lm_head.weight.numel() / layer, batched,
                              context.batch_rows(getattr(cell, "batch_size", 1)))
 

@@ -208,7 +208,7 @@ def load_run(setup: Setup, cells: list[Cell], *, threads: int | None = None,
                             prompts=prompt_set.describe(), dtype=target.model.dtype, machine={"before": before},
                             device=used_devices(target, *drafts.values()) if placed else target.model.device,
                             placements={name: where.describe() for name, where in placed.items()})
-    context = BuildContext.for_run(cells, lengths[-1], prompt_set.max_new_tokens, setup.sample, len(lengths))
+    context = BuildContext.for_run(cells, lengths[-1], prompt_set.max_new_tokens, len(lengths))
     busy = machine.busy_warning(before, when="before")
     return Loaded(target, drafts, prompt_set, context, manifest, threads, before, list(prompt_set.notes),
                   [f"warning: {busy}"] if busy else [])

@@ -24,9 +24,9 @@ def models():
     return target, draft, prompts
 
 
-def decoders(models, compiled: bool, sample: bool = False):
+def decoders(models, compiled: bool):
     target, draft, prompts = models
-    context = BuildContext.for_run(CELLS, max(map(len, prompts)), NEW, sample)
+    context = BuildContext.for_run(CELLS, max(map(len, prompts)), NEW)
     built = {}
     for cell in CELLS:
         cell = Cell(cell.strategy, cell.exit_layer, cell.num_speculations, cell.draft_model,
@@ -68,8 +68,8 @@ def test_compiled_decoding_equals_eager_token_for_token_and_step_for_step(models
 def test_compiled_sampling_draws_what_eager_sampling_draws(models):
     """The sampler and its generator are the eager engine's, so with the same seed the compiled engine draws
     the same tokens: it keeps the target distribution that tests/test_sampling.py checks."""
-    eager, _ = decoders(models, compiled=False, sample=True)
-    compiled, _ = decoders(models, compiled=True, sample=True)
+    eager, _ = decoders(models, compiled=False)
+    compiled, _ = decoders(models, compiled=True)
     for prompt in models[2]:
         for ours, theirs in zip(compiled.values(), eager.values(), strict=True):
             draws = [generate(decoder, prompt, Sampler(True, 0.8, 0.95, torch.Generator().manual_seed(5)))

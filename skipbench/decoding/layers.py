@@ -337,11 +337,12 @@ class DecoderStack:
         """The head after layer `end` - 1 on states (rows, n, d) -> (rows, n, vocab) float32 logits, compiled per
         (rows, n) when warmed."""
         hidden = self._move(hidden, end, self.head_device)  # an early exit's too: the head lies where it lies
-        # (The last rows of a longer pass are a view with other strides; the graph was compiled for dense ones.)
-        dense = hidden.clone(memory_format=torch.contiguous_format)
-        head = self._unit("head", *hidden.shape[:2])
+        rows, count, width = hidden.shape
+        if hidden.stride() != (count * width, width, 1):  # the last rows of a longer pass: a view the graph,
+            hidden = hidden.clone(memory_format=torch.contiguous_format)  # compiled for dense strides, would refuse
+        head = self._unit("head", rows, count)
         with self._stance(head):
-            return head(self.norm, self.lm_head, dense)
+            return head(self.norm, self.lm_head, hidden)
 
     def _unit(self, unit: str, rows: int, count: int):
         """The compiled unit for this shape when warmed, else the plain function (the same code, eagerly)."""
