@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from skipbench.decoding.layers import DecoderStack, EngineError, LayerSlot, run_layers
+from skipbench.decoding.layers import DecoderStack, LayerSlot, run_layers
 from skipbench.decoding.record import Trace
 
 
@@ -83,10 +83,7 @@ class BatchStack:
         stack = self.stack
         if not stack.compiled:
             return BatchCache(self.num_layers, rows, capacity, traces, model)
-        if capacity > stack.capacity:
-            raise EngineError(f"a batch needs {capacity} cached positions but the compiled engine was built for "
-                              f"{stack.capacity}")
-        return BatchCache(self.num_layers, rows, stack.capacity, traces, model, stack.new_slots(rows, model))
+        return BatchCache(self.num_layers, rows, stack.capacity, traces, model, stack.new_slots(rows, model, capacity))
 
     def ids(self, rows: Sequence[Sequence[int]], width: int | None = None) -> torch.Tensor:
         """Token ids (rows, width), each row right-padded with id 0 (filler no query ever sees)."""

@@ -257,9 +257,13 @@ class DecoderStack:
         with device:  # its inverse frequencies are computed on `device`
             return type(self.rotary_emb)(config=self.config)
 
-    def new_slots(self, rows: int, role: str = "target") -> list[LayerSlot]:
+    def new_slots(self, rows: int, role: str = "target", needed: int = 0) -> list[LayerSlot]:
         """Static keys and values for `rows` rows, one slot per layer on its layer's device; a compiled stack keeps
-        one set per (role, rows) for the whole run, allocated once (compiled code never allocates a cache)."""
+        one set per (role, rows) for the whole run, allocated once (compiled code never allocates a cache).
+        `needed`: the positions a generation will cache, refused beyond the capacity the stack was built for."""
+        if needed > self.capacity:
+            raise EngineError(f"a generation needs {needed} cached positions but the compiled engine was built "
+                              f"for {self.capacity}")
         if (role, rows) not in self._slots:
             config = self.config
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -274,10 +278,7 @@ class DecoderStack:
         """A cache for one generation: eager, or on a compiled stack its static slots for one row."""
         if not self.compiled:
             return KVCache(self.num_layers, capacity).reset(trace, model)
-        if capacity > self.capacity:
-            raise EngineError(f"a generation needs {capacity} cached positions but the compiled engine was built "
-                              f"for {self.capacity}")
-        return KVCache(self.num_layers, self.capacity, slots=self.new_slots(1, model)).reset(trace, model)
+        return KVCache(self.num_layers, self.capacity, slots=self.new_slots(1, model, capacity)).reset(trace, model)
 
     def ids(self, token_ids: list[int]) -> torch.Tensor:
         return torch.tensor(token_ids, dtype=torch.long, device=self.device)
